@@ -1,0 +1,53 @@
+"""Typed errors that callers of triattn-hub can catch.
+
+Every error derives from `TriattnHubError`, so `except TriattnHubError` catches all of them.
+Messages name the offending value and say what to do next. They never contain tokens.
+"""
+
+
+class TriattnHubError(Exception):
+    """Base class of every error raised on purpose by triattn-hub."""
+
+
+class UnsupportedModelError(TriattnHubError):
+    """The model's architecture or attention layout cannot be calibrated."""
+
+
+class RopeError(TriattnHubError):
+    """A RoPE module does not behave as the band layout and omega that were read from it."""
+
+
+class ManifestError(TriattnHubError):
+    """A manifest is missing, malformed or fails schema validation."""
+
+
+class IntegrityError(TriattnHubError):
+    """A stored file does not match the sha256 or size recorded for it."""
+
+
+class CalibrationNotFoundError(TriattnHubError):
+    """No hub in the search list has a calibration for the requested model id or version."""
+
+
+class HubError(TriattnHubError):
+    """A hub could not be read or written."""
+
+
+class AccessDeniedError(HubError):
+    """The hub refused access (private or gated repository, missing or wrong token)."""
+
+
+class OfflineError(HubError):
+    """The hub cannot be reached and nothing usable is cached locally."""
+
+
+class GeometryMismatchError(TriattnHubError):
+    """A calibration's layers, heads, head size or omega do not match the model it is used with."""
+
+
+class ModelSourceError(TriattnHubError):
+    """A model could not be located, downloaded or loaded."""
+
+
+class CorpusError(TriattnHubError):
+    """A calibration corpus is invalid, modified or cannot be loaded."""
