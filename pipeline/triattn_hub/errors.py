@@ -51,3 +51,11 @@ class ModelSourceError(TriattnHubError):
 
 class CorpusError(TriattnHubError):
     """A calibration corpus is invalid, modified or cannot be loaded."""
+
+
+class CorpusIntegrityError(CorpusError, IntegrityError):
+    """A corpus or prompt file does not match the sha256 recorded in its corpus manifest."""
+
+
+class CorpusSpecError(CorpusError):
+    """A `--corpus` value matches none of the accepted forms."""
