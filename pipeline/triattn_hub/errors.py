@@ -59,3 +59,23 @@ class CorpusIntegrityError(CorpusError, IntegrityError):
 
 class CorpusSpecError(CorpusError):
     """A `--corpus` value matches none of the accepted forms."""
+
+
+class UnsupportedArchitectureError(UnsupportedModelError):
+    """A model file declares an architecture that the loader cannot build.
+
+    `architecture` is the declared name and `supported` lists the names the loader accepts.
+    """
+
+    def __init__(self, message: str, architecture: str, supported: tuple[str, ...]):
+        super().__init__(message)
+        self.architecture = architecture
+        self.supported = supported
+
+
+class GGUFFormatError(ModelSourceError):
+    """A GGUF file is malformed, or holds metadata, tensors or a tokenizer the loader cannot use."""
+
+
+class ModelFileNotFoundError(ModelSourceError):
+    """A model file that an installed package should provide is missing."""
