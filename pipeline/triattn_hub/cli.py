@@ -1,0 +1,111 @@
+"""The `triattn-hub` command line: calibrate, fetch and report.
+
+Heavy modules (mlx, prefect, datasets) are imported inside the commands that need them, so
+`triattn-hub fetch` starts fast and runs where mlx is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from .errors import TriattnHubError
+
+logger = logging.getLogger("triattn_hub")
+
+
+def _add_calibrate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="calibrate a model and publish the result to a hub",
+        description="Run the calibration flow (pull, calibrate, write, publish) in Prefect's local ephemeral mode.",
+    )
+    parser.add_argument("model_id", help="upstream model id recorded in the artifact, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--from", dest="source", metavar="PATH", help="load the model from this directory or .gguf file instead of the Hub")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) to download; recorded as the model revision")
+    parser.add_argument("--corpus", default="builtin", metavar="SPEC", help="calibration corpus: builtin[:VERSION], a text file path, or hf:DATASET[:CONFIG]@REVISION#split=S&column=C (default: builtin)")
+    parser.add_argument("--hub", metavar="HUB", help="hub to publish to: a directory or hf://datasets/ORG/NAME (default: first entry of $TRIATTN_HUB, else the local default hub)")
+    parser.add_argument("--private", action="store_true", default=None, help="mark the model private; its calibration then goes to private hubs only")
+    parser.add_argument("--sequence-length", type=int, metavar="TOKENS", help="tokens per calibration sequence (default: the model's context, at most 8192)")
+    parser.add_argument("--chunk-size", type=int, default=512, metavar="TOKENS", help="tokens per forward pass through the KV cache (default: 512)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args) -> int:
+    from .flows import calibrate_flow
+
+    summary = calibrate_flow(
+        model_id=args.model_id,
+        source=args.source,
+        revision=args.revision,
+        corpus=args.corpus,
+        hub=args.hub,
+        private=args.private,
+        sequence_length=args.sequence_length,
+        chunk_size=args.chunk_size,
+        progress=args.progress,
+    )
+    state = "published" if summary["created"] else "already published (identical inputs), nothing new written"
+    print(
+        f"{summary['model_id']} {summary['version']}: {state}\n"
+        f"  hub:      {summary['hub']}\n"
+        f"  location: {summary['location']}\n"
+        f"  tokens:   {summary['token_count']} in {summary['seconds']} s ({summary['tokens_per_second']} tokens/s, "
+        f"{summary['compute_dtype']}, BLAS {summary['blas']})\n"
+        f"  layers:   {summary['calibrated_layers']} calibrated",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_fetch(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "fetch",
+        help="resolve a calibration by model id and print the path of its calibration.safetensors",
+        description="Search the hubs in order, verify the artifact's sha256 and manifest, and print its local path on stdout.",
+    )
+    parser.add_argument("model_id", help="model id, matched in full, e.g. google/gemma-4-31b-it")
+    parser.add_argument("--version", help="artifact version such as v2 (default: the latest)")
+    parser.add_argument("--hub", action="append", metavar="HUB", help="hub to search (repeatable, searched in order; default: $TRIATTN_HUB, else the local default hub then the public hub)")
+    parser.add_argument("--output", metavar="DIR", help="copy calibration.safetensors and manifest.json into DIR")
+    parser.set_defaults(run=_run_fetch)
+
+
+def _run_fetch(args) -> int:
+    from .client import fetch
+
+    resolved = fetch(args.model_id, version=args.version, hubs=args.hub, output=args.output)
+    print(resolved.path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triattn-hub", description="Calibrate, publish and fetch TriAttention Q-center statistics.")
+    parser.add_argument("--version", action="version", version=f"triattn-hub {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_calibrate(subparsers)
+    _add_fetch(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except TriattnHubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Prefect flows: pull a model, calibrate it on a corpus, check convergence, write and publish.
+
+`calibrate_flow` is the unit of work for one model; the CLI runs it in Prefect's local
+ephemeral mode and deployments run it on workers. Tokens never travel as flow parameters:
+they come from the worker's environment (HF_TOKEN) or the stored Hugging Face login.
+"""
+
+from __future__ import annotations
+
+from .blas import enable_fast_cpu_blas
+
+# Must run before mlx.core is imported anywhere in this process.
+BLAS_INFO = enable_fast_cpu_blas()
+
+import logging  # noqa: E402
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NONE  # noqa: E402
+
+from .calibrate import DEFAULT_CHUNK_SIZE, calibrate  # noqa: E402
+from .corpus import parse_corpus_spec, tokenize_corpus  # noqa: E402
+from .hub import open_hub, publish_address  # noqa: E402
+from .results import build_manifest, calibration_tensors  # noqa: E402
+from .sources import LoadedModel, load_model  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@task(name="pull-model", retries=2, retry_delay_seconds=[10, 60], cache_policy=NONE)
+def pull_model(model_id: str, source: str | None, revision: str | None, private: bool | None) -> LoadedModel:
+    """Download or open the model and load it for calibration."""
+    return load_model(model_id, source=source, revision=revision, private=private)
+
+
+@task(name="tokenize-corpus", cache_policy=NONE)
+def prepare_corpus(spec: str, tokenizer) -> tuple[list[int], dict]:
+    corpus = parse_corpus_spec(spec)
+    token_ids, record = tokenize_corpus(corpus, tokenizer)
+    return token_ids, {**corpus.spec, **record}
+
+
+@task(name="calibrate", cache_policy=NONE)
+def run_calibration(loaded: LoadedModel, token_ids, sequence_length: int | None, chunk_size: int, progress: bool):
+    bos_id = getattr(loaded.tokenizer, "bos_token_id", None)
+    return calibrate(
+        loaded.model, token_ids, bos_id=bos_id, sequence_length=sequence_length, chunk_size=chunk_size, progress=progress
+    )
+
+
+@task(name="publish", retries=2, retry_delay_seconds=[5, 30], cache_policy=NONE)
+def publish(hub_address: str, tensors: dict, manifest: dict) -> dict:
+    hub = open_hub(hub_address)
+    result = hub.publish(tensors, manifest)
+    return {"version": result.version, "created": result.created, "location": result.location}
+
+
+@flow(name="calibrate", log_prints=False)
+def calibrate_flow(
+    model_id: str,
+    source: str | None = None,
+    revision: str | None = None,
+    corpus: str = "builtin",
+    hub: str | None = None,
+    private: bool | None = None,
+    sequence_length: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = True,
+) -> dict:
+    """Calibrate one model and publish it; return a summary (version, whether new, token count, speed).
+
+    `source` is a local model directory or .gguf file; without it the model is downloaded
+    from the Hugging Face Hub at `revision`. `hub` defaults to hub.publish_address().
+    """
+    run_logger = get_run_logger()
+    hub_address = publish_address(hub)
+    loaded = pull_model(model_id, source, revision, private)
+    token_ids, corpus_record = prepare_corpus(corpus, loaded.tokenizer)
+    run_logger.info("corpus %s: %d tokens", corpus_record.get("version") or corpus_record["kind"], corpus_record["token_count"])
+    calibration = run_calibration(loaded, token_ids, sequence_length, chunk_size, progress)
+    manifest = build_manifest(loaded, calibration, corpus_record, blas=BLAS_INFO)
+    outcome = publish(hub_address, calibration_tensors(calibration), manifest)
+    summary = {
+        "model_id": model_id,
+        "hub": hub_address,
+        **outcome,
+        "token_count": calibration.token_count,
+        "calibrated_layers": len(calibration.model_layers.layers),
+        "seconds": round(calibration.seconds, 1),
+        "tokens_per_second": round(calibration.token_count / max(calibration.seconds, 1e-9), 1),
+        "compute_dtype": calibration.compute_dtype,
+        "blas": BLAS_INFO.get("backend"),
+    }
+    run_logger.info(
+        "%s %s %s (%d tokens, %.1f tokens/s)",
+        model_id, summary["version"], "published" if summary["created"] else "already published, nothing new",
+        summary["token_count"], summary["tokens_per_second"],
+    )
+    return summary
