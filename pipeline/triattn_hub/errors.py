@@ -79,3 +79,19 @@ class GGUFFormatError(ModelSourceError):
 
 class ModelFileNotFoundError(ModelSourceError):
     """A model file that an installed package should provide is missing."""
+
+
+class BlasLibraryError(TriattnHubError):
+    """A BLAS library named by TRIATTN_HUB_BLAS cannot be loaded or computes wrong results."""
+
+
+class ConvergenceError(TriattnHubError):
+    """The convergence check cannot run on its inputs (no sequences, an empty held-out sequence)."""
+
+
+class PrivateModelError(HubError):
+    """A calibration of a private or gated model was about to be published to a public hub."""
+
+
+class ExportError(TriattnHubError):
+    """A calibration cannot be written in a consumer's format without giving that consumer wrong values."""
