@@ -95,3 +95,7 @@ class PrivateModelError(HubError):
 
 class ExportError(TriattnHubError):
     """A calibration cannot be written in a consumer's format without giving that consumer wrong values."""
+
+
+class ConvergenceError(TriattnHubError):
+    """The convergence check cannot run on its inputs (no sequences, an empty held-out sequence)."""
