@@ -53,6 +53,8 @@ class RopeGeometry:
             "head_dim": self.head_dim,
             "rotary_dims": self.rotary_dims,
             "bands": self.n_bands,
+            # Bands with omega 0 (proportional RoPE) are paired but never rotated.
+            "rotated_bands": int(np.count_nonzero(self.omega)),
             "input_scale": self.input_scale,
             "settings": self.settings,
         }
@@ -90,7 +92,10 @@ def merge_bands(
 
 def _rope_settings(module) -> dict:
     settings = {}
-    for name in ("dims", "traditional", "base", "scale", "max_position_embeddings", "mscale"):
+    for name in (
+        "dims", "traditional", "base", "scale", "max_position_embeddings",
+        "original_max_position_embeddings", "mscale",
+    ):
         value = getattr(module, name, None)
         if isinstance(value, (bool, int, float, str)):
             settings[name] = value
@@ -107,6 +112,11 @@ def _declared_omega(module, rotary_dims: int) -> tuple[np.ndarray | None, str]:
         with np.errstate(divide="ignore"):
             omega = np.where(np.isinf(periods), 0.0, 1.0 / periods)
         return omega[: rotary_dims // 2], "_freqs"
+    inv_freq = getattr(module, "inv_freq", None)
+    if inv_freq is not None:
+        # Hugging Face style embeddings (M-RoPE) store omega itself.
+        omega = np.asarray(inv_freq, dtype=np.float64).reshape(-1)
+        return omega[: rotary_dims // 2], "inv_freq"
     base = getattr(module, "base", None)
     if type(module).__name__ == "RoPE" and base is not None:
         scale = float(getattr(module, "scale", 1.0))
@@ -175,7 +185,8 @@ def read_rope(module, head_dim: int) -> RopeGeometry:
             "dynamic NTK RoPE changes omega with the sequence length, so no fixed calibration "
             "exists for it; calibrate the model with static rope_scaling instead"
         )
-    rotary_dims = int(getattr(module, "dims", head_dim))
+    # SuScaledRoPE (longrope) names its rotated width `dim`, the other mlx modules `dims`.
+    rotary_dims = int(getattr(module, "dims", None) or getattr(module, "dim", None) or head_dim)
     if rotary_dims > head_dim or rotary_dims % 2:
         raise RopeError(f"{rope_class} rotates {rotary_dims} dims, which does not fit head_dim={head_dim}")
     layout = TRADITIONAL if getattr(module, "traditional", False) else HALF
