@@ -2,19 +2,25 @@
 
 MLX has no forward hooks. Every supported attention module rotates its queries and keys with
 `self.rope(x, offset=...)` after any q_norm, so the input of that call is exactly the pre-RoPE
-query or key. `RopeTaps` swaps each layer's `rope` for a recording wrapper for the duration
-of a `with` block and puts the original module back afterwards, even on error.
+query or key. M-RoPE models (Qwen2.5-VL) call `self.rotary_emb.apply_rotary(q, k, ...)`
+instead, see mrope.py. `RopeTaps` swaps each layer's `rope` (or `rotary_emb`) for a recording
+wrapper for the duration of a `with` block and puts the original module back afterwards, even
+on error. Only architectures on the allow-list in architectures.py are accepted.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from .architectures import check_supported
 from .errors import UnsupportedModelError
+from .mrope import MRopeTap, TextPositionRoPE, is_mrope_module, mrope_record
 from .rope import RopeGeometry, read_rope
 
 logger = logging.getLogger(__name__)
@@ -37,9 +43,18 @@ class AttentionLayer:
     layer_type: str = "global"
     window: int | None = None
     has_q_norm: bool = False
+    # Index of the earlier layer whose keys this layer attends to (Gemma 4), else None.
+    shares_kv_with: int | None = None
+    # The live module that rotates this layer's queries as `rope_module(x, offset=...)`.
+    # For M-RoPE it is a TextPositionRoPE around the model's `rotary_emb`.
+    rope_module: nn.Module | None = None
+    # Attribute of `attention` that RopeTaps replaces: "rope", or "rotary_emb" for M-RoPE.
+    rope_attr: str = "rope"
+    keys_rotated_first: bool = False
+    mrope: dict | None = None
 
     def to_json(self) -> dict:
-        return {
+        record = {
             "index": self.index,
             "type": self.layer_type,
             "window": self.window,
@@ -47,8 +62,12 @@ class AttentionLayer:
             "n_kv_heads": self.n_kv_heads,
             "head_dim": self.head_dim,
             "q_norm": self.has_q_norm,
+            "shares_kv_with": self.shares_kv_with,
             "rope": self.rope.to_json(),
         }
+        if self.mrope is not None:
+            record["mrope"] = self.mrope
+        return record
 
 
 @dataclass
@@ -58,6 +77,8 @@ class ModelLayers:
     layers: list[AttentionLayer]
     skipped: list[dict] = field(default_factory=list)
     n_layers: int = 0
+    # The allow-list record from architectures.check_supported.
+    architecture: dict | None = None
 
 
 def decoder_layers(model: nn.Module) -> list:
@@ -95,16 +116,54 @@ def _find_attention(block) -> nn.Module | None:
 
 
 def _model_args(model):
-    for owner in (model, getattr(model, "language_model", None)):
+    """Return the config of the decoder: the language model's for VLMs and wrapped text models."""
+    language_model = getattr(model, "language_model", None)
+    for owner in (language_model, model):
+        for name in ("args", "config"):
+            args = getattr(owner, name, None) if owner is not None else None
+            if args is not None and hasattr(args, "num_hidden_layers"):
+                return args
+    for owner in (model, language_model):
         args = getattr(owner, "args", None) if owner is not None else None
         if args is not None:
             return args
     return None
 
 
-def _layer_type(attention, index: int, args) -> tuple[str, int | None]:
+def _decoder_owners(model) -> list:
+    """Return the modules that may own the decoder's per-layer lists (layer_types, previous_kvs)."""
+    owners = []
+    for owner in (model, getattr(model, "language_model", None)):
+        if owner is None:
+            continue
+        owners.append(owner)
+        inner = getattr(owner, "model", None)
+        if isinstance(inner, nn.Module):
+            owners.append(inner)
+    return owners
+
+
+def _declared_layer_types(model, args) -> list | None:
+    for owner in [args] + _decoder_owners(model):
+        layer_types = getattr(owner, "layer_types", None) if owner is not None else None
+        if isinstance(layer_types, (list, tuple)) and layer_types:
+            return list(layer_types)
+    return None
+
+
+def _kv_sources(model, n_blocks: int) -> list[int]:
+    """Return, per layer, the index of the layer whose keys it uses (its own unless shared)."""
+    for owner in _decoder_owners(model):
+        previous = getattr(owner, "previous_kvs", None)
+        if isinstance(previous, (list, tuple)) and len(previous) == n_blocks:
+            return [int(i) for i in previous]
+    return list(range(n_blocks))
+
+
+def _layer_type(attention, index: int, args, layer_types=None) -> tuple[str, int | None]:
     window = getattr(args, "sliding_window", None) if args is not None else None
-    layer_types = getattr(args, "layer_types", None) if args is not None else None
+    if layer_types is None:
+        layer_types = getattr(args, "layer_types", None) if args is not None else None
     sliding = getattr(attention, "is_sliding", None)
     if sliding is None and isinstance(layer_types, (list, tuple)) and index < len(layer_types):
         sliding = "sliding" in str(layer_types[index])
@@ -118,13 +177,17 @@ def _layer_type(attention, index: int, args) -> tuple[str, int | None]:
 def find_attention_layers(model: nn.Module) -> ModelLayers:
     """Locate every RoPE attention layer of `model` and read its geometry.
 
-    Layers whose block has no attention module, or an attention module without a `rope`
-    (linear attention, state-space layers, NoPE layers), are listed in `skipped` with the
-    reason. Raises UnsupportedModelError when no layer uses RoPE or a layer's head counts
-    cannot be read.
+    First checks the model against the allow-list (architectures.check_supported), so an
+    unsupported architecture is rejected before any work. Layers whose block has no attention
+    module, or an attention module without a `rope` (linear attention, state-space layers), or
+    whose RoPE rotates nothing (NoPE layers), are listed in `skipped` with the reason. Raises
+    UnsupportedModelError when no layer uses RoPE or a layer's head counts cannot be read.
     """
+    architecture = check_supported(model)
     blocks = decoder_layers(model)
     args = _model_args(model)
+    layer_types = _declared_layer_types(model, args)
+    kv_sources = _kv_sources(model, len(blocks))
     found: list[AttentionLayer] = []
     skipped: list[dict] = []
     geometry_cache: dict[int, RopeGeometry] = {}
@@ -133,7 +196,12 @@ def find_attention_layers(model: nn.Module) -> ModelLayers:
         if attention is None:
             skipped.append({"index": index, "reason": f"{type(block).__name__} has no attention module"})
             continue
+        rope_attr = "rope"
         rope = getattr(attention, "rope", None)
+        rotary_emb = getattr(attention, "rotary_emb", None)
+        if rope is None and is_mrope_module(rotary_emb):
+            rope_attr = "rotary_emb"
+            rope = TextPositionRoPE(rotary_emb)
         if rope is None or not callable(rope):
             skipped.append({"index": index, "reason": f"{type(attention).__name__} applies no RoPE"})
             continue
@@ -150,10 +218,19 @@ def find_attention_layers(model: nn.Module) -> ModelLayers:
                 f"layer {index}: cannot read query heads, KV heads and head_dim from "
                 f"{type(attention).__name__}"
             )
-        key = id(rope)
+        key = (id(rotary_emb) if rope_attr == "rotary_emb" else id(rope), head_dim)
         if key not in geometry_cache:
             geometry_cache[key] = read_rope(rope, head_dim)
-        layer_type, window = _layer_type(attention, index, args)
+        geometry = geometry_cache[key]
+        if not np.any(geometry.omega):
+            skipped.append({
+                "index": index,
+                "reason": f"{type(rope).__name__} rotates no band (a NoPE layer), so position does not "
+                "change its attention scores",
+            })
+            continue
+        layer_type, window = _layer_type(attention, index, args, layer_types)
+        source = kv_sources[index]
         found.append(
             AttentionLayer(
                 index=index,
@@ -161,10 +238,15 @@ def find_attention_layers(model: nn.Module) -> ModelLayers:
                 n_q_heads=n_q,
                 n_kv_heads=n_kv,
                 head_dim=head_dim,
-                rope=geometry_cache[key],
+                rope=geometry,
                 layer_type=layer_type,
                 window=window,
                 has_q_norm=getattr(attention, "q_norm", None) is not None,
+                shares_kv_with=source if source != index else None,
+                rope_module=rope,
+                rope_attr=rope_attr,
+                keys_rotated_first=architecture["keys_rotated_first"],
+                mrope=mrope_record(rope, head_dim) if rope_attr == "rotary_emb" else None,
             )
         )
     if not found:
@@ -172,7 +254,7 @@ def find_attention_layers(model: nn.Module) -> ModelLayers:
             f"{type(model).__module__}: none of its {len(blocks)} layers applies RoPE attention, "
             "so there is nothing for TriAttention to calibrate"
         )
-    return ModelLayers(layers=found, skipped=skipped, n_layers=len(blocks))
+    return ModelLayers(layers=found, skipped=skipped, n_layers=len(blocks), architecture=architecture)
 
 
 class _Recording:
@@ -227,14 +309,22 @@ class RopeTaps:
 
     def __enter__(self) -> "RopeTaps":
         for layer in self.layers:
-            original = layer.attention.rope
-            layer.attention.rope = _RopeTap(original, layer.index, self._recording)
+            original = getattr(layer.attention, layer.rope_attr)
+            if layer.rope_attr == "rotary_emb":
+                tap = MRopeTap(original, partial(self._record_call, layer.index))
+            else:
+                tap = _RopeTap(original, layer.index, self._recording)
+            setattr(layer.attention, layer.rope_attr, tap)
             self._originals.append((layer, original))
         return self
 
+    def _record_call(self, index: int, x, offset) -> None:
+        # pop() replaces the calls dict, so look it up on every call.
+        self._recording.calls.setdefault(index, []).append((x, offset))
+
     def __exit__(self, *exc) -> None:
         for layer, original in self._originals:
-            layer.attention.rope = original
+            setattr(layer.attention, layer.rope_attr, original)
         self._originals.clear()
         self._recording.calls.clear()
 
@@ -243,21 +333,31 @@ class RopeTaps:
 
         The query is the first call whose head axis has the query head count. The key is the
         next call with the KV head count; layers that reuse another layer's keys have none.
+        In layers with `keys_rotated_first` that compute their own keys, the first call is
+        the key and the query comes after it.
         """
         calls = self._recording.calls
         self._recording.calls = {}
         result: dict[int, Captured] = {}
         for layer in self.layers:
             seen = calls.get(layer.index, [])
-            query_at = next((i for i, (x, _) in enumerate(seen) if x.shape[1] == layer.n_q_heads), None)
+            start = 0
+            if layer.keys_rotated_first and layer.shares_kv_with is None and len(seen) >= 2:
+                start = 1
+            query_at = next(
+                (i for i, (x, _) in enumerate(seen) if i >= start and x.shape[1] == layer.n_q_heads), None
+            )
             if query_at is None:
                 raise UnsupportedModelError(
                     f"layer {layer.index}: its RoPE was never called on a tensor with "
                     f"{layer.n_q_heads} query heads (shapes seen: {[tuple(x.shape) for x, _ in seen]})"
                 )
             queries, offset = seen[query_at]
-            keys = next(
-                (x for x, _ in seen[query_at + 1 :] if x.shape[1] == layer.n_kv_heads), None
-            )
+            if start == 1:
+                keys = seen[0][0] if seen[0][0].shape[1] == layer.n_kv_heads else None
+            else:
+                keys = next(
+                    (x for x, _ in seen[query_at + 1 :] if x.shape[1] == layer.n_kv_heads), None
+                )
             result[layer.index] = Captured(queries=queries, offset=offset, keys=keys)
         return result
