@@ -112,6 +112,22 @@ def backbone(model: nn.Module):
     return model
 
 
+def make_cache(model: nn.Module) -> list:
+    """Return a fresh KV cache list for the model, built by the model itself where it can.
+
+    mlx-vlm models may define `make_cache` only on their language model (Gemma 3 needs it for
+    its sliding-window layers) or not at all. Those without one get mlx-vlm's own cache classes.
+    """
+    for owner in (model, getattr(model, "language_model", None)):
+        if owner is not None and hasattr(owner, "make_cache"):
+            return owner.make_cache()
+    if type(model).__module__.startswith("mlx_vlm."):
+        from mlx_vlm.models.cache import make_prompt_cache as make_vlm_prompt_cache
+
+        return make_vlm_prompt_cache(model)
+    return make_prompt_cache(model)
+
+
 def _offset_value(offset) -> int:
     if isinstance(offset, mx.array):
         return int(offset.reshape(-1)[0].item())
@@ -121,7 +137,7 @@ def _offset_value(offset) -> int:
 def run_sequence(model, layers, taps: RopeTaps, sequence: np.ndarray, chunk_size: int, on_chunk) -> None:
     """Feed one sequence through the model chunk by chunk and hand each chunk's captures on."""
     forward = backbone(model)
-    cache = make_prompt_cache(model)
+    cache = make_cache(model)
     for start in range(0, sequence.size, chunk_size):
         chunk = mx.array(sequence[start : start + chunk_size][None, :].astype(np.int32))
         hidden = forward(chunk, cache=cache)
