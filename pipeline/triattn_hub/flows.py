@@ -2,7 +2,8 @@
 
 `calibrate_flow` is the unit of work for one model; the CLI runs it in Prefect's local
 ephemeral mode and deployments run it on workers. Tokens never travel as flow parameters:
-they come from the worker's environment (HF_TOKEN) or the stored Hugging Face login.
+they come from the worker's environment (HF_TOKEN), the Prefect Secret block `hf-token` or
+the stored Hugging Face login (see tokens.py).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from prefect.cache_policies import NONE  # noqa: E402
 
 from .calibrate import DEFAULT_CHUNK_SIZE, calibrate  # noqa: E402
 from .corpus import parse_corpus_spec, tokenize_corpus  # noqa: E402
-from .hub import open_hub, publish_address  # noqa: E402
+from .hub import open_hub  # noqa: E402
+from .locks import model_lock  # noqa: E402
+from .privacy import publish_target  # noqa: E402
 from .results import build_manifest, calibration_tensors  # noqa: E402
 from .sources import LoadedModel, load_model  # noqa: E402
+from .staging import write_unpublished  # noqa: E402
+from .tokens import hf_token  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ logger = logging.getLogger(__name__)
 @task(name="pull-model", retries=2, retry_delay_seconds=[10, 60], cache_policy=NONE)
 def pull_model(model_id: str, source: str | None, revision: str | None, private: bool | None) -> LoadedModel:
     """Download or open the model and load it for calibration."""
-    return load_model(model_id, source=source, revision=revision, private=private)
+    return load_model(model_id, source=source, revision=revision, private=private, token=hf_token())
 
 
 @task(name="tokenize-corpus", cache_policy=NONE)
@@ -42,9 +47,11 @@ def prepare_corpus(spec: str, tokenizer) -> tuple[list[int], dict]:
 @task(name="calibrate", cache_policy=NONE)
 def run_calibration(loaded: LoadedModel, token_ids, sequence_length: int | None, chunk_size: int, progress: bool):
     bos_id = getattr(loaded.tokenizer, "bos_token_id", None)
-    return calibrate(
-        loaded.model, token_ids, bos_id=bos_id, sequence_length=sequence_length, chunk_size=chunk_size, progress=progress
-    )
+    # One calibration per model at a time across all workers of the Prefect server.
+    with model_lock(loaded.model_id):
+        return calibrate(
+            loaded.model, token_ids, bos_id=bos_id, sequence_length=sequence_length, chunk_size=chunk_size, progress=progress
+        )
 
 
 @task(name="publish", retries=2, retry_delay_seconds=[5, 30], cache_policy=NONE)
@@ -65,20 +72,31 @@ def calibrate_flow(
     sequence_length: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
+    output: str | None = None,
 ) -> dict:
     """Calibrate one model and publish it; return a summary (version, whether new, token count, speed).
 
     `source` is a local model directory or .gguf file; without it the model is downloaded
-    from the Hugging Face Hub at `revision`. `hub` defaults to hub.publish_address().
+    from the Hugging Face Hub at `revision`. The hub is chosen by privacy.publish_target:
+    `hub`, else hub.publish_address() for public models and $TRIATTN_PRIVATE_HUB for private
+    ones. With `output`, the calibration is written to that directory (see staging.py) and not
+    published; the summary then has `output` and no version.
     """
     run_logger = get_run_logger()
-    hub_address = publish_address(hub)
+    if private and not output:
+        publish_target(hub, True)  # a private model without a private hub fails before the download
     loaded = pull_model(model_id, source, revision, private)
+    hub_address = None if output else publish_target(hub, loaded.private)
     token_ids, corpus_record = prepare_corpus(corpus, loaded.tokenizer)
     run_logger.info("corpus %s: %d tokens", corpus_record.get("version") or corpus_record["kind"], corpus_record["token_count"])
     calibration = run_calibration(loaded, token_ids, sequence_length, chunk_size, progress)
     manifest = build_manifest(loaded, calibration, corpus_record, blas=BLAS_INFO)
-    outcome = publish(hub_address, calibration_tensors(calibration), manifest)
+    if output:
+        write_unpublished(output, calibration_tensors(calibration), manifest)
+        run_logger.info("%s: calibration written to %s, not published", model_id, output)
+        outcome = {"version": None, "created": None, "location": None, "output": output}
+    else:
+        outcome = publish(hub_address, calibration_tensors(calibration), manifest)
     summary = {
         "model_id": model_id,
         "hub": hub_address,
@@ -90,6 +108,8 @@ def calibrate_flow(
         "compute_dtype": calibration.compute_dtype,
         "blas": BLAS_INFO.get("backend"),
     }
+    if output:
+        return summary
     run_logger.info(
         "%s %s %s (%d tokens, %.1f tokens/s)",
         model_id, summary["version"], "published" if summary["created"] else "already published, nothing new",
