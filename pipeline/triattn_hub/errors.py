@@ -99,3 +99,7 @@ class ExportError(TriattnHubError):
 
 class ConvergenceError(TriattnHubError):
     """The convergence check cannot run on its inputs (no sequences, an empty held-out sequence)."""
+
+
+class CatalogError(TriattnHubError):
+    """A calibration catalog is missing, malformed or fails schema validation."""
