@@ -59,6 +59,12 @@ SUPPORTED: dict[str, Architecture] = dict(
         _entry("qwen2", ("mlx_lm.models.qwen2",), "nn.RoPE with biased q/k/v projections and GQA"),
         _entry("qwen3", ("mlx_lm.models.qwen3",), "q_norm and k_norm before RoPE, and an explicit head_dim"),
         _entry(
+            "qwen3_next",
+            ("mlx_lm.models.qwen3_next",),
+            "linear-attention (Gated DeltaNet) layers are skipped. The full-attention layers have "
+            "q_norm, a gate packed into q_proj and partial rotary",
+        ),
+        _entry(
             "phi3",
             ("mlx_lm.models.phi3",),
             "fused qkv_proj, partial_rotary_factor rotates only the first dims of each head, and "

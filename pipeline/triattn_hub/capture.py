@@ -194,7 +194,10 @@ def find_attention_layers(model: nn.Module) -> ModelLayers:
     for index, block in enumerate(blocks):
         attention = _find_attention(block)
         if attention is None:
-            skipped.append({"index": index, "reason": f"{type(block).__name__} has no attention module"})
+            reason = f"{type(block).__name__} has no attention module"
+            if isinstance(getattr(block, "linear_attn", None), nn.Module):
+                reason = f"{type(block).__name__} uses linear attention ({type(block.linear_attn).__name__}), which has no RoPE"
+            skipped.append({"index": index, "reason": reason})
             continue
         rope_attr = "rope"
         rope = getattr(attention, "rope", None)
