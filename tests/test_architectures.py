@@ -43,11 +43,12 @@ CASES = {
     "gemma4_lm": (build_text_model, "gemma4"),
     "gpt_oss": (build_text_model, "gpt_oss"),
     "smollm3": (build_text_model, "smollm3"),
+    "qwen3_next": (build_text_model, "qwen3_next"),
     "gemma3_vlm": (build_vlm_model, "gemma3"),
     "gemma4_vlm": (build_vlm_model, "gemma4"),
     "qwen2_5_vl": (build_vlm_model, "qwen2_5_vl"),
 }
-EXPECTED_SKIPPED = {"smollm3": [3]}
+EXPECTED_SKIPPED = {"smollm3": [3], "qwen3_next": [0, 1, 2]}
 
 # (key position p, query position t). The last pairs lie beyond 32k, where rope scaling matters.
 POSITION_PAIRS = [(0, 5), (7, 4000), (1000, 1001), (33000, 40000), (40000, 40000), (39000, 40017)]
@@ -386,6 +387,18 @@ def test_nope_layers_skipped_with_reason(calibrations):
     assert [record["index"] for record in skipped] == [3]
     assert "NoPE" in skipped[0]["reason"]
     assert 3 not in calibration.merged()
+
+
+def test_linear_attention_layers_skipped(calibrations):
+    _, calibration = calibrations("qwen3_next")
+    skipped = calibration.model_layers.skipped
+    assert [record["index"] for record in skipped] == [0, 1, 2]
+    for record in skipped:
+        assert "linear attention (Qwen3NextGatedDeltaNet)" in record["reason"]
+    (layer,) = calibration.model_layers.layers
+    assert layer.index == 3
+    assert layer.has_q_norm
+    assert layer.rope.rotary_dims == 8  # partial_rotary_factor 0.25 of head_dim 32
 
 
 # --------------------------------------------------------------------------------------------
