@@ -63,23 +63,46 @@ def _run_calibrate(args) -> int:
 
 
 def _add_fetch(subparsers) -> None:
+    from .exports import FORMATS, NATIVE, PAIRINGS
+
     parser = subparsers.add_parser(
         "fetch",
         help="resolve a calibration by model id and print the path of its calibration.safetensors",
-        description="Search the hubs in order, verify the artifact's sha256 and manifest, and print its local path on stdout.",
+        description=(
+            "Search the hubs in order, verify the artifact's sha256 and manifest, and print its local path on stdout. "
+            "Hub tokens come from $HF_TOKEN, the login stored by `hf auth login`, or the GitHub Actions OIDC exchange."
+        ),
     )
     parser.add_argument("model_id", help="model id, matched in full, e.g. google/gemma-4-31b-it")
     parser.add_argument("--version", help="artifact version such as v2 (default: the latest)")
-    parser.add_argument("--hub", action="append", metavar="HUB", help="hub to search (repeatable, searched in order; default: $TRIATTN_HUB, else the local default hub then the public hub)")
-    parser.add_argument("--output", metavar="DIR", help="copy calibration.safetensors and manifest.json into DIR")
+    parser.add_argument("--hub", action="append", metavar="HUB", help="hub to search: a directory or hf://datasets/ORG/NAME (repeatable, searched in order; default: $TRIATTN_HUB, else the local default hub then the public hub)")
+    parser.add_argument("--endpoint", metavar="URL", help="Hugging Face Hub endpoint (default: $HF_ENDPOINT, else https://huggingface.co)")
+    parser.add_argument("--lock", metavar="FILE", help="lockfile: reuse the hub, commit and version it records for this model, or record them there")
+    parser.add_argument("--model-path", metavar="DIR", help="local model directory whose config.json and README.md declare the base model, for the base-model fallback (default: read them from the model's Hub repo)")
+    parser.add_argument("--output", metavar="DIR", help="write the calibration into DIR in --format")
+    parser.add_argument("--format", dest="export_format", choices=FORMATS, default=NATIVE, help="format written into --output: native (calibration.safetensors + manifest.json), mlx-vlm (the file of MLX-VLM pull request 985) or triattention-npz (the .npz of the TriAttention MLX loader); default: native")
+    parser.add_argument("--pairing", choices=PAIRINGS, help="RoPE pairing of the mlx-vlm format: rope (the model's true bands) or pr985 (what the published pull request computes); required with --format mlx-vlm")
     parser.set_defaults(run=_run_fetch)
 
 
 def _run_fetch(args) -> int:
     from .client import fetch
 
-    resolved = fetch(args.model_id, version=args.version, hubs=args.hub, output=args.output)
-    print(resolved.path)
+    resolved = fetch(
+        args.model_id,
+        version=args.version,
+        hubs=args.hub,
+        output=args.output,
+        endpoint=args.endpoint,
+        lock=args.lock,
+        model_path=args.model_path,
+        export_format=args.export_format,
+        pairing=args.pairing,
+    )
+    for warning in resolved.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for path in resolved.exported if args.export_format != "native" else [resolved.path]:
+        print(path)
     return 0
 
 
