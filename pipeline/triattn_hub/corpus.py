@@ -52,7 +52,7 @@ SPEC_FORMS = (
     "DIR                     a corpus directory with MANIFEST.json (same layout as the built-in one)",
     "hf:DATASET[:CONFIG]@REVISION#split=SPLIT&column=COLUMN[&max_rows=N]\n"
     "                        a Hugging Face dataset (hub id or local directory) at a commit sha or tag,\n"
-    "                        for example hf:Salesforce/wikitext:wikitext-103-raw-v1@b08601e"
+    "                        for example hf:Salesforce/wikitext:wikitext-103-raw-v1@COMMIT_SHA"
     "#split=train&column=text&max_rows=20000",
 )
 
@@ -251,7 +251,7 @@ def _check_prompt(record: Any, line_number: int, source: str) -> dict:
     if not isinstance(record.get("id"), str) or not record["id"]:
         raise CorpusError(f"Prompt at {where} needs a non-empty string 'id'.")
     if record.get("genre") not in GENRES:
-        raise CorpusError(f"Prompt {record['id']!r} at {where} has genre {record.get('genre')!r}; expected one of {GENRES}.")
+        raise CorpusError(f"Prompt {record['id']!r} at {where} has genre {record.get('genre')!r}. Expected one of {GENRES}.")
 
     has_text = "text" in record
     has_messages = "messages" in record
@@ -270,8 +270,8 @@ def _check_prompt(record: Any, line_number: int, source: str) -> dict:
                 or not isinstance(message.get("content"), str)
             ):
                 raise CorpusError(
-                    f"Prompt {record['id']!r} at {where} has an invalid message {message!r}; "
-                    f"each message needs a role in {CHAT_ROLES} and a string content."
+                    f"Prompt {record['id']!r} at {where} has an invalid message {message!r}. "
+                    f"Each message needs a role in {CHAT_ROLES} and a string content."
                 )
     return record
 
@@ -329,7 +329,7 @@ def load_text_file(path: str | Path) -> CorpusText:
     except FileNotFoundError:
         raise CorpusError(f"Corpus file not found: {path}") from None
     except IsADirectoryError:
-        raise CorpusError(f"Corpus path {path} is a directory; pass a UTF-8 text file.") from None
+        raise CorpusError(f"Corpus path {path} is a directory. Pass a UTF-8 text file.") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -376,8 +376,8 @@ def load_hf_dataset(
     `dataset_id` is a hub id ("org/name") or a local dataset directory, both as accepted by
     `datasets.load_dataset`. `revision` (a commit sha or tag) is required and is passed to the
     hub. For a local directory it is only recorded, because a directory has no revisions.
-    Rows that are empty or whitespace-only are skipped. `max_rows` limits the rows read from
-    the start of the split. Raises `CorpusError` if the dataset, split or column cannot be loaded
+    Rows that are empty or whitespace-only are skipped. `max_rows` keeps the first rows of the
+    split, but `datasets` still downloads and prepares the whole split. Raises `CorpusError` if the dataset, split or column cannot be loaded
     or the text is empty.
     """
     revision = _check_revision(revision)
@@ -466,12 +466,12 @@ def parse_hf_spec(spec: str) -> HfDatasetSpec:
     if not at_sign:
         raise _spec_error(spec, "the '@REVISION' part (a commit sha or tag) is missing.")
     if not revision:
-        raise _spec_error(spec, "the revision after '@' is empty; pass a commit sha or tag.")
+        raise _spec_error(spec, "the revision after '@' is empty. Pass a commit sha or tag.")
     dataset_id, colon, config = dataset_part.partition(":")
     if not dataset_id:
         raise _spec_error(spec, "the dataset id is empty.")
     if colon and not config:
-        raise _spec_error(spec, "the config after ':' is empty; drop the ':' or name a config.")
+        raise _spec_error(spec, "the config after ':' is empty. Drop the ':' or name a config.")
 
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
@@ -480,7 +480,7 @@ def parse_hf_spec(spec: str) -> HfDatasetSpec:
     options: dict[str, str] = {}
     for key, value in pairs:
         if key not in ("split", "column", "max_rows"):
-            raise _spec_error(spec, f"unknown option {key!r}; the options are split, column and max_rows.")
+            raise _spec_error(spec, f"unknown option {key!r}. The options are split, column and max_rows.")
         if key in options:
             raise _spec_error(spec, f"option {key!r} is given twice.")
         if not value:
@@ -522,7 +522,7 @@ def parse_corpus_spec(spec: str, *, cache_dir: str | Path | None = None) -> Corp
     if spec.startswith("builtin:"):
         version = spec[len("builtin:") :]
         if version not in builtin_versions():
-            raise _spec_error(spec, f"unknown built-in version {version!r}; available: {', '.join(builtin_versions())}.")
+            raise _spec_error(spec, f"unknown built-in version {version!r}. Available: {', '.join(builtin_versions())}.")
         return load_builtin_corpus(version)
     if spec.startswith("hf:"):
         parsed = parse_hf_spec(spec)
@@ -575,22 +575,25 @@ def tokenizer_name(tokenizer: Any) -> str:
     return type(tokenizer).__name__
 
 
-def tokenize_corpus(corpus: CorpusText, tokenizer: Any) -> tuple[np.ndarray, dict]:
+def tokenize_corpus(
+    corpus: CorpusText, tokenizer: Any, *, tokenizer_label: str | None = None
+) -> tuple[np.ndarray, dict]:
     """Encode a corpus for calibration and return (token ids, record).
 
     The text is encoded without special tokens (strings such as "<|im_end|>" in the text stay
     plain text). If the tokenizer has a `bos_token_id`, that one token is prepended, whether or not
     the tokenizer adds it by default. Accepts a transformers tokenizer, an mlx-lm TokenizerWrapper
-    or a `tokenizers.Tokenizer`. The ids are an int32 array. The record holds `token_count`,
-    `token_ids_sha256` (sha256 of the ids as little-endian uint32 bytes), `tokenizer`,
-    `bos_token_id` (None if none was prepended) and the corpus `text_sha256`.
+    or a `tokenizers.Tokenizer`. The ids are an int32 array. The record contains `token_count`,
+    `token_ids_sha256` (sha256 of the ids as little-endian uint32 bytes), `tokenizer`
+    (`tokenizer_label` if given, else the name the tokenizer was loaded under), `bos_token_id`
+    (None if none was prepended) and the corpus `text_sha256`.
     """
     ids = _encode_without_special_tokens(tokenizer, corpus.text)
     bos_token_id = getattr(tokenizer, "bos_token_id", None)
     if bos_token_id is not None:
         ids.insert(0, int(bos_token_id))
     if not ids:
-        raise CorpusError(f"Corpus {corpus.spec.get('text_sha256')} encodes to no tokens.")
+        raise CorpusError(f"Corpus with text sha256 {corpus.spec.get('text_sha256')} encodes to no tokens. Pass a non-empty text.")
 
     token_ids = np.asarray(ids, dtype=np.int64)
     if token_ids.min() < 0 or token_ids.max() >= 2**31:
@@ -598,7 +601,7 @@ def tokenize_corpus(corpus: CorpusText, tokenizer: Any) -> tuple[np.ndarray, dic
     record = {
         "token_count": int(token_ids.size),
         "token_ids_sha256": sha256_hex(token_ids.astype("<u4").tobytes()),
-        "tokenizer": tokenizer_name(tokenizer),
+        "tokenizer": tokenizer_label or tokenizer_name(tokenizer),
         "bos_token_id": None if bos_token_id is None else int(bos_token_id),
         "text_sha256": corpus.spec.get("text_sha256"),
     }
@@ -609,7 +612,7 @@ def tokenize_corpus(corpus: CorpusText, tokenizer: Any) -> tuple[np.ndarray, dic
 
 
 def rehash_manifest(corpus_dir: str | Path) -> dict:
-    """Recompute and write the sha256 fields of `corpus_dir/MANIFEST.json`; return the manifest.
+    """Recompute and write the sha256 fields of `corpus_dir/MANIFEST.json`, and return the manifest.
 
     An authoring tool for a new, unreleased version directory. Never run it on a released
     version: its hashes pin the text that published calibrations were computed on.
