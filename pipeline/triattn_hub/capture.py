@@ -190,13 +190,18 @@ def find_attention_layers(model: nn.Module) -> ModelLayers:
     kv_sources = _kv_sources(model, len(blocks))
     found: list[AttentionLayer] = []
     skipped: list[dict] = []
-    geometry_cache: dict[int, RopeGeometry] = {}
+    # Keyed by (id of the live RoPE or M-RoPE module, head_dim): layers may share one module.
+    geometry_cache: dict[tuple[int, int], RopeGeometry] = {}
     for index, block in enumerate(blocks):
         attention = _find_attention(block)
         if attention is None:
             reason = f"{type(block).__name__} has no attention module"
-            if isinstance(getattr(block, "linear_attn", None), nn.Module):
-                reason = f"{type(block).__name__} uses linear attention ({type(block.linear_attn).__name__}), which has no RoPE"
+            linear_attention = getattr(block, "linear_attn", None)
+            if isinstance(linear_attention, nn.Module):
+                reason = (
+                    f"{type(block).__name__} uses linear attention "
+                    f"({type(linear_attention).__name__}), which has no RoPE"
+                )
             skipped.append({"index": index, "reason": reason})
             continue
         rope_attr = "rope"
