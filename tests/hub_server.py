@@ -6,6 +6,7 @@ lfs.py, file_download.py, _oidc.py):
 
   POST /api/repos/create                             create a repo (409 if it exists)
   GET  /api/{type}s/{id}[/revision/{rev}]            repo info, `sha` is the resolved commit
+  GET  /api/models                                  list model repos (author, filter, search, limit, expand)
   POST /api/validate-yaml                            README.md front matter check
   POST /api/{type}s/{id}/preupload/{rev}             upload mode per file (lfs per .gitattributes)
   POST /{prefix}{id}.git/info/lfs/objects/batch      LFS batch API, "basic" transfer
@@ -311,6 +312,76 @@ def check_front_matter(content: str) -> None:
         raise HubError(400, "README.md front matter must be a YAML mapping")
 
 
+# Properties GET /api/models may return, as `expand` names them (huggingface_hub 2.4,
+# ExpandModelProperty_T). The server fills the ones listed in `model_record`.
+MODEL_EXPAND = {
+    "author", "cardData", "config", "createdAt", "disabled", "downloads", "downloadsAllTime", "gated", "gguf",
+    "inference", "inferenceProviderMapping", "lastModified", "library_name", "likes", "mask_token", "model-index",
+    "pipeline_tag", "private", "safetensors", "sha", "siblings", "spaces", "tags", "transformersInfo",
+    "trendingScore", "widgetData", "resourceGroup", "evalResults",
+}
+
+
+def safetensors_parameter_count(data: bytes) -> dict[str, int]:
+    """Return {dtype: element count} from a safetensors file's header, as the Hub reports it."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    counts: dict[str, int] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for size in entry["shape"]:
+            count *= size
+        counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + count
+    return counts
+
+
+def model_record(state: "HubState", repo: "Repo") -> dict:
+    """Return a model repo as GET /api/models lists it, read from its main branch.
+
+    Tags are the README front matter's `tags`, the config's model_type, and "safetensors"
+    when the repo has such files. `safetensors` counts the parameters in their headers.
+    """
+    with state.lock:
+        sha = repo.branches["main"]
+        commit = repo.commits[sha]
+        files = {path: state.lfs_objects[b.lfs_sha256] if b.lfs_sha256 else b.data for path, b in commit.tree.items()}
+    config = json.loads(files["config.json"]) if "config.json" in files else None
+    tags = []
+    readme = files.get("README.md", b"").decode("utf-8", "replace")
+    if readme.startswith("---\n") and readme.find("\n---", 4) > 0:
+        front = yaml.safe_load(readme[4 : readme.find("\n---", 4)]) or {}
+        tags.extend(front.get("tags", []))
+    if config and "model_type" in config:
+        tags.append(config["model_type"])
+    parameters: dict[str, int] = {}
+    for path, data in files.items():
+        if path.endswith(".safetensors"):
+            tags.append("safetensors")
+            for dtype, count in safetensors_parameter_count(data).items():
+                parameters[dtype] = parameters.get(dtype, 0) + count
+    record = {
+        "_id": hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24],
+        "id": repo.repo_id,
+        "author": repo.namespace,
+        "sha": sha,
+        "lastModified": commit.date,
+        "private": repo.private,
+        "gated": "auto" if repo.gated else False,
+        "disabled": False,
+        "tags": list(dict.fromkeys(tags)),
+        "downloads": 0,
+        "likes": 0,
+        "siblings": [{"rfilename": path} for path in sorted(files)],
+    }
+    if config is not None:
+        record["config"] = {key: config[key] for key in ("model_type", "architectures") if key in config}
+    if parameters:
+        record["safetensors"] = {"parameters": parameters, "total": sum(parameters.values())}
+    return record
+
+
 class Handler(BaseHTTPRequestHandler):
     """Routes one request; `server.hub` is the HubServer."""
 
@@ -428,6 +499,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.create_repo(user)
         if segments == ["validate-yaml"] and method == "POST":
             return self.validate_yaml()
+        if segments == ["models"] and method == "GET":
+            return self.list_models(user)
         if len(segments) < 3 or segments[0] not in REPO_TYPES:
             return self.unknown()
         repo_type = REPO_TYPES[segments[0]]
@@ -499,6 +572,40 @@ class Handler(BaseHTTPRequestHandler):
                 "siblings": siblings,
             },
         )
+
+    def list_models(self, user):
+        """GET /api/models: model repos the caller may read, filtered as the Hub's model search does."""
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        unknown = sorted(set(query) - {"author", "filter", "search", "limit", "expand", "full", "config", "cardData"})
+        if unknown:
+            raise HubError(400, f"unsupported query parameters: {unknown}")
+        expand = query.get("expand")
+        if expand and ({"full", "config", "cardData"} & set(query)):
+            raise HubError(400, "expand cannot be combined with full, config or cardData")
+        bad = sorted(set(expand or ()) - MODEL_EXPAND)
+        if bad:
+            raise HubError(400, f"invalid expand values: {bad}")
+        author = query.get("author", [None])[0]
+        search = query.get("search", [None])[0]
+        filters = query.get("filter", [])
+        limit = int(query["limit"][0]) if "limit" in query else None
+        with self.state.lock:
+            repos = [repo for (kind, _), repo in sorted(self.state.repos.items()) if kind == "model"]
+        results = []
+        for repo in repos:
+            if repo.private and not (user is not None and user.can_write(repo.namespace)):
+                continue
+            if author is not None and repo.namespace != author:
+                continue
+            if search is not None and search.lower() not in repo.repo_id.lower():
+                continue
+            record = model_record(self.state, repo)
+            if any(tag not in record["tags"] for tag in filters):
+                continue
+            if expand:
+                record = {key: value for key, value in record.items() if key in expand or key in ("_id", "id")}
+            results.append(record)
+        self.send(200, results[:limit] if limit is not None else results)
 
     def validate_yaml(self):
         payload = self.json_body()
