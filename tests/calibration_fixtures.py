@@ -70,8 +70,8 @@ def make_calibration(
 ) -> tuple[dict, dict]:
     """Return (tensors, manifest without artifact_version/files) for a fake calibration.
 
-    By default every layer is a global layer with the same geometry; pass `layers` (records as
-    `layer_record` builds them) for mixed geometries, and omit indexes to leave layers out.
+    By default every layer is a global layer with the same geometry. For mixed geometries pass
+    `layers`, records as `layer_record` builds them; indexes left out are not calibrated.
     """
     rotary_dims = rotary_dims or head_dim
     if layers is None:

@@ -21,14 +21,14 @@ lfs.py, file_download.py, _oidc.py):
                                                      X-Linked-Etag / X-Linked-Size, as the Hub does
   GET  {cdn}/cdn/{sha256}?sig=                       LFS content; rejects an Authorization header
   POST /oauth/token                                  RFC 8693 token exchange (trusted publishers)
-  GET  /github/id-token                              stands in for GitHub's OIDC id-token service
+  GET  /github/id-token                              replaces GitHub's OIDC id-token service
 
 Repos keep a git-like history: commits with parents and trees of content-addressed blobs
-(git blob sha1 oids, LFS objects by sha256). Access control follows the Hub: an unknown token
-gets 401 "Invalid credentials in Authorization header" on every route; a private repo answers
-401 RepoNotFound without a token and 404 RepoNotFound to a token without access; a gated repo
-answers 401 or 403 GatedRepo on file downloads. Anything the server does not implement
-answers 404 with X-Error-Code UnknownRoute and is recorded in `unknown_routes`.
+(git blob sha1 oids, LFS objects by sha256). Access control follows the Hub. An unknown token
+gets 401 "Invalid credentials in Authorization header" on every route. A private repo returns
+401 RepoNotFound without a token and 404 RepoNotFound to a token without access. A gated repo
+returns 401 or 403 GatedRepo on file downloads. Anything the server does not implement
+returns 404 with X-Error-Code UnknownRoute and is recorded in `unknown_routes`.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class HubError(Exception):
 
 
 class HubState:
-    """Repos, users, LFS objects and the request log; every mutation holds `lock`."""
+    """Repos, users, LFS objects and the request log. Every mutation takes `lock`."""
 
     def __init__(self):
         self.lock = threading.RLock()
@@ -427,7 +427,12 @@ class Handler(BaseHTTPRequestHandler):
         return value
 
     def send(self, status: int, payload=None, headers: dict | None = None, raw: bytes | None = None, content_type="application/json"):
-        data = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
+        if raw is not None:
+            data = raw
+        elif payload is None:
+            data = b""
+        else:
+            data = json.dumps(payload).encode()
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -454,7 +459,7 @@ class Handler(BaseHTTPRequestHandler):
             self.route()
         except HubError as error:
             self.fail(error)
-        except Exception as exc:  # a bug in the test server: answer 500 so the test fails loudly
+        except Exception as exc:  # a bug in the test server: return 500 so the test fails loudly
             self.send(500, {"error": f"test server error: {type(exc).__name__}: {exc}"})
 
     do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = dispatch
@@ -692,6 +697,7 @@ class Handler(BaseHTTPRequestHandler):
         header = lines[0]["value"]
         if not isinstance(header.get("summary"), str) or not header["summary"].strip():
             raise HubError(400, "commit summary must not be empty")
+
         hook = self.state.before_commit
         if hook is not None:
             self.state.before_commit = None
@@ -703,6 +709,7 @@ class Handler(BaseHTTPRequestHandler):
             except threading.BrokenBarrierError:
                 pass
             self.state._commit_barrier = None
+
         added, deleted = {}, []
         for line in lines[1:]:
             key, value = line.get("key"), line.get("value") or {}
@@ -727,6 +734,7 @@ class Handler(BaseHTTPRequestHandler):
                 deleted.append(path)
             else:
                 raise HubError(400, f"unknown commit operation {key!r}")
+
         with self.state.lock:
             if revision not in repo.branches:
                 raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")

@@ -156,12 +156,13 @@ def test_mlx_vlm_pr985_pairing_matches_its_own_calibration(tmp_path, layout):
         own_norm = np.hypot(q[..., c1], q[..., c2]).mean(0)
         np.testing.assert_allclose(layers[i]["q_center_real"], own_real, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(layers[i]["q_center_imag"], own_imag, rtol=1e-5, atol=1e-6)
-        # The file holds the root mean square, an upper bound of E|a + ib| (Jensen).
+        # The file contains the root mean square, an upper bound of E|a + ib| (Jensen).
         assert np.all(layers[i]["q_mean_norm"] >= own_norm - 1e-5)
         assert np.all(layers[i]["q_mean_norm"] <= 1.5 * own_norm)
 
 
-def test_rope_pairing_scores_equal_dot_product_but_pr985_pairing_does_not(tmp_path):
+def test_trig_term_per_pairing(tmp_path):
+    """The rope pairing reproduces the RoPE dot product; the pull request's pairing does not."""
     tensors, manifest, _ = calibration_from_samples("half")
     omega = tensors["layers.0.omega"].astype(np.float64)
     directory = published(tmp_path, tensors, manifest)
@@ -209,7 +210,7 @@ def test_mlx_vlm_rejects_global_layers_with_other_geometry(tmp_path):
         layer_record(1, heads=HEADS, kv_heads=KV_HEADS, head_dim=32, rotary_dims=32, layout="half", base=BASE),
     ]
     tensors, manifest = make_calibration("acme/mixed", n_layers=2, layers=layers)
-    with pytest.raises(ExportError, match="layer 1 is a global attention layer with head_dim 32"):
+    with pytest.raises(ExportError, match="global attention layer 1 differs from layer 0: head_dim 32 instead of 16"):
         mlx_vlm_tensors(tensors, manifest, pairing="rope")
     layers[1] = layer_record(1, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, rotary_dims=HEAD_DIM, layout="half", base=5e5)
     tensors, manifest = make_calibration("acme/mixed", n_layers=2, layers=layers)

@@ -248,7 +248,7 @@ def test_private_hub_searched_first(server, cache):
     assert resolved.manifest["model"]["private"] is True
     with pytest.raises(AccessDeniedError):
         # A private hub that cannot be read stops the search instead of being skipped. A fresh
-        # cache, because huggingface_hub answers a denied request from a cached copy.
+        # cache, because huggingface_hub serves a denied request from a cached copy.
         _fetch(server, cache.parent / "bob-cache", "acme/tiny", hubs=["hf://datasets/org/private-cal", HUB], token=BOB)
 
 

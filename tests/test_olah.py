@@ -3,7 +3,7 @@
 olah (PyPI `olah`, part of the `test` extra) is an independent implementation of the Hub's
 read endpoints. Here it runs bound to 127.0.0.1 in offline mode, with its upstream pointed at a
 closed loopback port, and serves `mirrors/datasets/org/cal`: a git repository holding a hub
-written by LocalHub. Known olah quirks: it answers 401 RepoNotFound instead of 404 for a
+written by LocalHub. Known olah quirks: it returns 401 RepoNotFound instead of 404 for a
 missing file, and its repo-info route needs an explicit revision.
 """
 

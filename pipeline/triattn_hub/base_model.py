@@ -2,10 +2,10 @@
 
 Quantized or converted repos (for example `mlx-community/...-4bit`) declare the model they were
 made from as `base_model` in the YAML front matter of README.md, or in config.json. Such a repo
-may use the base model's calibration only if its attention geometry is the same: number of
-layers, query and KV heads, head size and rotated dims of every calibrated layer, and omega,
-which is computed here from the config's RoPE settings with numpy (no mlx) and compared with
-the omega stored in the artifact.
+may use the base model's calibration only if its attention geometry is the same. That is the
+number of layers, the query and KV heads, head size and rotated dims of every calibrated layer,
+and omega. Omega is computed here from the config's RoPE settings with numpy (no mlx) and
+compared with the omega stored in the artifact.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def read_model_files(
         root = Path(model_path)
         config_path = root / "config.json"
         if not config_path.is_file():
-            raise ModelSourceError(f"{config_path} is missing; pass the directory that holds the model's config.json")
+            raise ModelSourceError(f"{config_path} is missing; pass the directory that contains the model's config.json")
         readme = root / "README.md"
         return _load_config(config_path), readme.read_text(encoding="utf-8") if readme.is_file() else None
     from huggingface_hub import hf_hub_download

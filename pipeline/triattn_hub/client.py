@@ -4,14 +4,14 @@ This is the light path: it imports neither mlx, prefect nor datasets, so `triatt
 starts quickly and works where mlx is not installed.
 
 Search: hubs are tried in order (`--hub`, else $TRIATTN_HUB, else the local default hub then
-hub.PUBLIC_HUB). A hub without the model id is skipped; any other failure of a hub (access
-denied, offline with nothing cached, a broken index) stops the search, so a private hub listed
-first is never silently passed over. Model ids are matched in full.
+hub.PUBLIC_HUB). A hub without the model id is skipped. Any other failure of a hub (access
+denied, offline with nothing cached, a broken index) stops the search, so that a private hub
+listed first is never silently passed over. Model ids are matched in full.
 
-Base-model fallback: when no hub has the id, the model's config.json and README.md (from
-`model_path`, else from the model's own Hub repo) may declare a base model; its calibration is
-used only after its layers, heads, head size, rotated dims and omega match (base_model.py),
-and with a warning.
+Base-model fallback: when no hub has the id, the model's config.json and README.md may declare
+a base model. They are read from `model_path`, else from the model's own Hub repo. The base
+model's calibration is used only after its layers, heads, head size, rotated dims and omega
+match (base_model.py), and with a warning.
 
 Lockfile: `lock` names a JSON file recording, per requested model id, the hub, commit,
 version, calibrated model id and artifact sha256. When it has an entry for the model, fetch
@@ -129,7 +129,7 @@ def _verified(hub, address: str, model_id: str, chosen: str, entry: dict) -> tup
         raise IntegrityError(f"{address}: {model_id} {chosen}: files differ from the index entry")
     if manifest["model"]["id"] != model_id or manifest["artifact_version"] != chosen:
         raise IntegrityError(
-            f"{address}: {entry['path']} holds {manifest['model']['id']} {manifest['artifact_version']}, "
+            f"{address}: {entry['path']} contains {manifest['model']['id']} {manifest['artifact_version']}, "
             f"the index says {model_id} {chosen}"
         )
     return directory, manifest

@@ -6,11 +6,11 @@ native
     calibration.safetensors + manifest.json, as published (see artifact.py).
 
 mlx-vlm
-    The file the TriAttention KV cache of the MLX-VLM pull request 985 (Blaizzy/mlx-vlm,
-    mlx_vlm/triattention.py, `load_calibration`) reads: a safetensors file with, for EVERY
-    layer i of the model, `layer.{i}.q_center_real`, `layer.{i}.q_center_imag` and
-    `layer.{i}.q_mean_norm`, float32 [query heads, rotated dims / 2], and the string metadata
-    `n_layers`, `n_q_heads`, `n_kv_heads` and nothing else. Query head h belongs to KV head
+    The file that the TriAttention KV cache of the MLX-VLM pull request 985 reads
+    (Blaizzy/mlx-vlm, mlx_vlm/triattention.py, `load_calibration`). It is a safetensors file
+    with `layer.{i}.q_center_real`, `layer.{i}.q_center_imag` and `layer.{i}.q_mean_norm`,
+    float32 [query heads, rotated dims / 2], for EVERY layer i of the model. Its only metadata
+    are the strings `n_layers`, `n_q_heads` and `n_kv_heads`. Query head h belongs to KV head
     h // (n_q_heads / n_kv_heads). The consumer takes one RoPE configuration and one head
     count from the first non-sliding attention layer and applies them to every layer.
 
@@ -194,7 +194,7 @@ def _consumer_bands(reference: dict, omega: np.ndarray) -> int:
 def _component_stats(tensors: dict, index: int, mapping: dict, component: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (mean, mean square) [heads] of one component of the pre-RoPE query."""
     if component not in mapping:
-        raise ExportError(f"layer {index}: component {component} is not rotated, so the artifact holds no statistics for it")
+        raise ExportError(f"layer {index}: component {component} is not rotated, so the artifact contains no statistics for it")
     band, part = mapping[component]
     mean = tensors[f"layers.{index}.q_mean_{'real' if part == 're' else 'imag'}"][:, band]
     square = tensors[f"layers.{index}.q_{'real' if part == 're' else 'imag'}_sq_mean"][:, band]
@@ -235,6 +235,7 @@ def mlx_vlm_tensors(tensors: dict, manifest: dict, *, pairing: str | None) -> tu
             "every band whatever the file holds; choose pairing 'rope' (true bands, correct for a consumer "
             "that pairs as the model's RoPE does) or 'pr985' (what the published pull request computes)"
         )
+
     geometry = manifest["geometry"]
     reference = _reference_layer(manifest)
     n_q, n_kv = reference["n_q_heads"], reference["n_kv_heads"]
@@ -243,6 +244,7 @@ def mlx_vlm_tensors(tensors: dict, manifest: dict, *, pairing: str | None) -> tu
     omega = tensors[f"layers.{reference['index']}.omega"].astype(np.float64)
     n_bands = _consumer_bands(reference, omega)
     pairs = pr985_pairs(reference, omega) if pairing == "pr985" else None
+
     warnings = []
     rope = reference["rope"]
     scale = rope.get("settings", {}).get("scale", 1.0)
@@ -256,6 +258,7 @@ def mlx_vlm_tensors(tensors: dict, manifest: dict, *, pairing: str | None) -> tu
             f"the consumer reads omega only from nn.RoPE and ProportionalRoPE modules and will reject this "
             f"model's {rope['class']}"
         )
+
     layers = {layer["index"]: layer for layer in geometry["layers"]}
     zeros = np.zeros((n_q, n_bands), dtype=np.float32)
     out = {}
@@ -270,11 +273,12 @@ def mlx_vlm_tensors(tensors: dict, manifest: dict, *, pairing: str | None) -> tu
             values = (zeros, zeros, zeros)
         else:
             raise ExportError(
-                f"layer {i} is a global attention layer with {difference} than layer {reference['index']}; "
-                "the MLX-VLM format holds one geometry for all layers, so it cannot represent this model"
+                f"global attention layer {i} differs from layer {reference['index']}: {difference}. "
+                "The MLX-VLM format has one geometry for all layers, so it cannot represent this model"
             )
         for name, value in zip(("q_center_real", "q_center_imag", "q_mean_norm"), values):
             out[f"layer.{i}.{name}"] = np.ascontiguousarray(value, dtype=np.float32)
+
     if zero_filled:
         warnings.append(
             "zero-filled layers (sliding layers the consumer does not score, or layers without RoPE "
@@ -314,6 +318,7 @@ def triattention_npz_arrays(tensors: dict, manifest: dict) -> tuple[dict, list[s
             f"the TriAttention MLX loader rotates the whole head ({head_dim} dims), but this model rotates "
             f"{rope['rotary_dims']}; the format cannot represent partial rotary embeddings"
         )
+
     omega = tensors[f"layers.{reference['index']}.omega"].astype(np.float64)
     theta = plain_rope_theta(omega, head_dim)
     if theta is None:
@@ -325,6 +330,7 @@ def triattention_npz_arrays(tensors: dict, manifest: dict) -> tuple[dict, list[s
     if n_q % n_kv:
         raise ExportError(f"{n_q} query heads do not split evenly over {n_kv} KV heads; the format cannot group them")
     group = n_q // n_kv
+
     arrays, written, left_out = {}, [], []
     for layer in manifest["geometry"]["layers"]:
         difference = _same_geometry(layer, reference, tensors)
@@ -340,6 +346,7 @@ def triattention_npz_arrays(tensors: dict, manifest: dict) -> tuple[dict, list[s
             for name, values in stats.items():
                 arrays[f"l_{index}_h_{head}_{name}"] = values[head].astype(np.float32)
         written.append(index)
+
     warnings = [
         f"configure the loader with head_dim={head_dim} and rope_theta={theta:.10g}; it does not read them from the file"
     ]

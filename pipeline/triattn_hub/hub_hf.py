@@ -1,14 +1,14 @@
 """A hub in a Hugging Face dataset repo, addressed as `hf://datasets/ORG/NAME`.
 
-The repo has the layout index.py describes. Reads resolve `index.json` on the branch (main)
-to one commit sha and download every other file pinned to that sha with `hf_hub_download`,
-so a fetch never mixes two states of the repo, and a fetched calibration stays usable offline
+The repo has the layout index.py describes. A read resolves `index.json` on the branch (main)
+to one commit sha and downloads every other file pinned to that sha with `hf_hub_download`.
+So a fetch never mixes two states of the repo, and a fetched calibration stays usable offline
 from the Hugging Face cache.
 
 One publish is one commit (`HfApi.create_commit`) holding the artifact, its manifest, the
 updated index.json and the dataset card, sent with `parent_commit` set to the commit whose
-index was read. When another publish moved the branch first, the Hub answers 412; the index
-is read again at the new head, the version is assigned again, and the commit is retried.
+index was read. When another publish moved the branch first, the Hub returns 412. Then the
+index is read again at the new head, the version is assigned again, and the commit is retried.
 
 Tags: each published version gets the git tag `{model id with "/" replaced by "--"}--{version}`,
 for example `HuggingFaceTB--SmolLM2-135M-Instruct--v1`, pointing at a commit that contains it.
@@ -91,7 +91,7 @@ def exchange_github_oidc_token(endpoint: str, resource: str, *, timeout: float =
     This is how a CI job publishes without a stored HF_TOKEN secret. GitHub gives a job that
     declares `permissions: id-token: write` two variables, ACTIONS_ID_TOKEN_REQUEST_URL and
     ACTIONS_ID_TOKEN_REQUEST_TOKEN. Step 1 sends GET to that URL with `audience=<endpoint>` added
-    to its query and the request token as bearer token; the JSON reply's `value` is a signed id
+    to its query and the request token as bearer token. The JSON reply's `value` is a signed id
     token naming the repository and workflow. Step 2 sends an RFC 8693 token exchange, POST
     `{endpoint}/oauth/token` with JSON fields grant_type, subject_token_type, subject_token and
     resource (for example `datasets/ORG/NAME`). The Hub checks the id token against the trusted
@@ -155,8 +155,8 @@ def resolve_token(explicit: str | None, *, endpoint: str, resource: str | None, 
 
     Order: `explicit`, $HF_TOKEN (or $HUGGING_FACE_HUB_TOKEN), the GitHub OIDC exchange for
     `resource` inside GitHub Actions, then the login stored by `hf auth login`. A failed OIDC
-    exchange raises when writing; when reading it is logged and the next source is tried, so
-    public hubs stay readable from CI jobs that are not trusted publishers.
+    exchange raises when writing. When reading, it is logged and the next source is tried, so
+    that public hubs stay readable from CI jobs that are not trusted publishers.
     """
     if explicit:
         return explicit
@@ -280,8 +280,8 @@ class HfHub:
 
         return HfApi(endpoint=self.endpoint, library_name="triattn-hub", library_version=__version__)
 
-    def _error(self, exc: BaseException, what: str, write: bool = False):
-        return translate_error(exc, f"{self.address} ({what})", had_token=self._token(write) is not None)
+    def _error(self, exc: BaseException, action: str, write: bool = False):
+        return translate_error(exc, f"{self.address} ({action})", had_token=self._token(write) is not None)
 
     def _download(self, filename: str, revision: str, *, write: bool = False) -> Path:
         from huggingface_hub import hf_hub_download
@@ -383,8 +383,8 @@ class HfHub:
 
         As LocalHub.publish: `manifest` has no `artifact_version` or `files` yet; identical inputs
         return the existing version with `created=False`. A calibration of a private or gated
-        model (manifest model.private) goes only to a private repo: a public repo raises
-        PrivateModelError unless `allow_public`; a missing repo is created private for it.
+        model (manifest model.private) goes only to a private repo. A public repo raises
+        PrivateModelError unless `allow_public`, and a missing repo is created private for it.
         Raises AccessDeniedError without a write token, HubError when the branch moved on every
         one of MAX_PUBLISH_ATTEMPTS attempts.
         """
@@ -454,7 +454,7 @@ class HfHub:
 
     def _existing_result(self, index: dict, model_id: str, version: str, commit: str) -> PublishResult:
         entry = index["models"][model_id]["versions"][version]
-        logger.info("%s %s already holds these inputs; nothing published", model_id, version)
+        logger.info("%s %s already contains these inputs; nothing published", model_id, version)
         self._tag(model_id, version, commit)
         manifest_path = self.download_file(f"{entry['path']}/{MANIFEST_NAME}", commit)
         stored = json.loads(manifest_path.read_text(encoding="utf-8"))
