@@ -450,6 +450,22 @@ def test_github_oidc_exchange(server, cache, monkeypatch, caplog):
         exchange_github_oidc_token(server.url, "datasets/org/other")
 
 
+def test_token_sources(server, cache, monkeypatch, tmp_path):
+    _publish(server, cache, "acme/secret", private=True, repo="org/private-cal")
+    hubs = ["hf://datasets/org/private-cal"]
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    assert _fetch(server, tmp_path / "env-cache", "acme/secret", hubs=hubs).version == "v1"
+    monkeypatch.delenv("HF_TOKEN")
+    stored = tmp_path / "stored-token"
+    stored.write_text(ALICE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(stored))
+    assert _fetch(server, tmp_path / "login-cache", "acme/secret", hubs=hubs).version == "v1"
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    with pytest.raises(AccessDeniedError, match="cannot read it"):
+        # $HF_TOKEN comes before the stored login.
+        _fetch(server, tmp_path / "bob-cache", "acme/secret", hubs=hubs)
+
+
 def test_publish_without_token_is_access_denied(server, cache):
     with pytest.raises(AccessDeniedError, match="write token"):
         _publish(server, cache, "acme/tiny", token=None)
