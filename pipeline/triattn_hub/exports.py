@@ -41,8 +41,9 @@ mlx-vlm
     cache and never scores them. A global layer that differs (head counts, head size, rotated
     dims, layout or omega) cannot be written, and the export raises ExportError. The consumer
     computes omega itself from `nn.RoPE` as base^(-2f/d) / scale, which is wrong when
-    scale != 1 (MLX multiplies positions by scale), and rejects other RoPE classes except
-    ProportionalRoPE; the export warns in both cases because the file cannot fix them.
+    scale != 1 (MLX multiplies positions by scale). It reads other RoPE modules only when they
+    have both `_freqs` and `rotated_dims` attributes, and rejects the rest. The export warns in
+    both cases, because the file cannot fix them.
 
 triattention-npz
     The `.npz` the MLX loader of the TriAttention repository (WeianMao/triattention,
@@ -253,10 +254,12 @@ def mlx_vlm_tensors(tensors: dict, manifest: dict, *, pairing: str | None) -> tu
             f"the consumer computes omega as base^(-2f/d) / scale but MLX multiplies positions by scale={scale}, "
             "so its omega is off by a factor scale^2; the file cannot correct that"
         )
-    if rope["class"] not in ("RoPE", "ProportionalRoPE"):
+    if rope["class"] != "RoPE":
+        # NOTE: the ProportionalRoPE of mlx-lm 0.32.2 and mlx-vlm 0.7.10 has `_freqs` but no
+        # `rotated_dims`, so whether the consumer accepts it depends on the mlx-vlm version.
         warnings.append(
-            f"the consumer reads omega only from nn.RoPE and ProportionalRoPE modules and will reject this "
-            f"model's {rope['class']}"
+            f"the consumer reads omega from {rope['class']} only if the module has `_freqs` and "
+            "`rotated_dims` attributes, and rejects the model otherwise"
         )
 
     layers = {layer["index"]: layer for layer in geometry["layers"]}
