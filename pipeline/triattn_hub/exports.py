@@ -18,9 +18,9 @@ mlx-vlm
     flag, believing that `traditional=True` means half-split pairs. In MLX it is the other
     way round (`traditional=False` rotates (f, f + d/2), `traditional=True` rotates
     (2f, 2f + 1)). So for a `traditional=False` model, which is nearly every model, it reads
-    its band j from components (2j, 2j + 1), which are the real parts of two different
-    frequencies (or the imaginary parts, for the upper half), and scores them with omega_j;
-    for a `traditional=True` model it reads (j, j + d/2), again two frequencies. It splits the
+    its band j from components (2j, 2j + 1). Those are the real parts of two different
+    frequencies (or the imaginary parts, for the upper half), and it scores them with omega_j.
+    For a `traditional=True` model it reads (j, j + d/2), again two frequencies. It splits the
     post-RoPE keys the same way at run time, so no reordering of the statistics can make its
     trigonometric term correct: the keys it pairs do not rotate together. The export therefore
     refuses unless the caller picks one of two explicit pairings:
