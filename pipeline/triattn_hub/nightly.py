@@ -1,7 +1,7 @@
 """The nightly flow, which keeps every catalog model calibrated, and the commands GitHub Actions runs.
 
 `nightly_flow` loads the catalog, queries the Hugging Face Hub for each model's current revision
-and runs the discovery rules, compares every model with its hub's index (discovery.py), then
+and runs the discovery rules. It compares every model with its hub's index (discovery.py), then
 calibrates each model that needs it as its own run of the `calibrate` flow and publishes it.
 It ends with a markdown artifact `nightly-summary` listing what was calibrated, skipped and
 failed, with the reasons. One model failing does not stop the others, and the run ends
@@ -66,7 +66,8 @@ CANDIDATE_FILE = "candidate.json"
 OUTCOME_FILE = "outcome.json"
 # Outcome names in the summary, in table order.
 CALIBRATED = "calibrated"
-OUTCOME_ORDER = (CALIBRATED, FAILED, UNSUPPORTED, SKIP)
+PLANNED = "planned"
+OUTCOME_ORDER = (CALIBRATED, FAILED, UNSUPPORTED, PLANNED, SKIP)
 
 
 def default_work_dir() -> Path:
@@ -215,7 +216,7 @@ def publish_directory(directory: str, hub_address: str, private: bool) -> dict:
 
 
 def calibrate_and_publish(candidate: Candidate, work_dir: Path) -> dict:
-    """Calibrate one candidate (unless work_dir holds its finished calibration) and publish it.
+    """Calibrate one candidate (unless work_dir contains its finished calibration) and publish it.
 
     Returns {"version", "created", "location", "hub", "reused"}. Removes the work directory
     once the hub contains the calibration.
@@ -245,11 +246,12 @@ def _cell(text) -> str:
 def render_summary(rows: list[dict]) -> str:
     """Return the markdown summary: counts, then one table row per model."""
     counts = {name: sum(1 for row in rows if row["outcome"] == name) for name in OUTCOME_ORDER}
+    planned = f"{counts[PLANNED]} planned, " if counts[PLANNED] else ""
     lines = [
         "# Nightly calibration",
         "",
         f"{counts[CALIBRATED]} calibrated, {counts[FAILED]} failed, {counts[UNSUPPORTED]} newly found unsupported, "
-        f"{counts[SKIP]} skipped.",
+        f"{planned}{counts[SKIP]} skipped.",
         "",
         "| model | outcome | detail | origin |",
         "| --- | --- | --- | --- |",
@@ -261,6 +263,9 @@ def render_summary(rows: list[dict]) -> str:
 
 
 def decision_row(decision: Decision) -> dict:
+    """Return a summary row; a model still to calibrate is "planned"."""
+    if decision.action == CALIBRATE:
+        return {"model_id": decision.model_id, "outcome": PLANNED, "detail": "needs calibrating", "origin": decision.origin}
     return {"model_id": decision.model_id, "outcome": decision.action, "detail": decision.reason, "origin": decision.origin}
 
 
@@ -299,8 +304,8 @@ def nightly_flow(
             continue
         candidate = decision.candidate
         if dry_run or (max_models is not None and started >= max_models):
-            why = "dry run" if dry_run else f"max_models={max_models} reached"
-            rows.append({**decision_row(decision), "outcome": SKIP, "detail": f"needs calibrating ({why})"})
+            reason = "dry run" if dry_run else f"max_models={max_models} reached"
+            rows.append({**decision_row(decision), "outcome": SKIP, "detail": f"needs calibrating ({reason})"})
             continue
         started += 1
         try:
@@ -348,11 +353,15 @@ def command_discover(args) -> int:
         include = [c for c in include if not c["private"]]
     if args.max_models is not None:
         include = include[: args.max_models]
+    markdown = render_summary([decision_row(d) for d in decisions])
     if args.json:
         others = [decision_row(d) for d in decisions if d.action != CALIBRATE]
         print(json.dumps({"include": include, "others": others}, sort_keys=True))
     else:
-        print(render_summary([decision_row(d) for d in decisions]))
+        print(markdown)
+    if args.summary:
+        with open(args.summary, "a", encoding="utf-8") as handle:
+            handle.write(markdown)
     return 0
 
 
@@ -425,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     planning(discover)
     discover.add_argument("--json", action="store_true", help='print {"include": [candidates], "others": [skipped rows]} for a job matrix')
     discover.add_argument("--public-only", action="store_true", help="leave out private and gated models (for runners without a token)")
+    discover.add_argument("--summary", metavar="FILE", help="append the markdown plan to FILE (for example $GITHUB_STEP_SUMMARY)")
     discover.set_defaults(run=command_discover)
 
     one = commands.add_parser("calibrate-one", help="calibrate one candidate into a directory, without publishing")
