@@ -128,6 +128,13 @@ def test_private_on_demand_run(deployed, prefect_api):
     assert files_naming(root / "public-hub", PRIVATE_MODEL) == []
     assert files_naming(root / "xdg-data", PRIVATE_MODEL) == []
 
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        lock = client.read_global_concurrency_limit_by_name("calibrate-acme--private-tiny")
+    assert lock.limit == 1
+    assert lock.active_slots == 0
+
 
 def test_numeric_revision_needs_json_string(deployed):
     run = run_prefect(

@@ -151,6 +151,64 @@ def test_current_version_needs_same_revision():
     assert find_current(candidate("1" * 40), None, stale) is None
 
 
+def test_transient_errors_are_retried():
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from triattn_hub.errors import AccessDeniedError, HubError, OfflineError
+    from triattn_hub.nightly import is_transient
+
+    def http_error(status):
+        request = httpx.Request("GET", "http://127.0.0.1/api/models")
+        return HfHubHTTPError(f"HTTP {status}", response=httpx.Response(status, request=request))
+
+    assert is_transient(OfflineError("cannot reach the Hub"))
+    assert is_transient(httpx.ConnectError("connection refused"))
+    assert is_transient(http_error(503))
+    assert is_transient(http_error(429))
+    assert not is_transient(http_error(404))
+    assert not is_transient(AccessDeniedError("private repo"))
+    assert not is_transient(HubError("index.json is not valid JSON"))
+
+
+def test_hf_token_from_secret_block(prefect_api, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from triattn_hub.tokens import SECRET_BLOCK, hf_token
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert hf_token() is None
+
+    Secret(value="hf_from_block").save(SECRET_BLOCK, overwrite=True)
+    try:
+        assert hf_token() == "hf_from_block"
+        monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+        assert hf_token() == "hf_from_env"
+    finally:
+        Secret.delete(SECRET_BLOCK)
+
+
+def test_model_lock_admits_one_holder(prefect_api):
+    from prefect.client.orchestration import get_client
+
+    from triattn_hub.locks import lock_name, model_lock
+
+    with model_lock("acme/locked-model"):
+        with pytest.raises(TimeoutError):
+            with model_lock("acme/locked-model", timeout_seconds=2):
+                pass
+        with model_lock("acme/other-model", timeout_seconds=10):
+            pass
+    with model_lock("acme/locked-model", timeout_seconds=10):
+        pass
+
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(lock_name("acme/locked-model"))
+    assert limit.name == "calibrate-acme--locked-model"
+    assert limit.limit == 1
+    assert limit.active_slots == 0
+
+
 # --- discovery against the test Hub -------------------------------------------------------------
 
 
