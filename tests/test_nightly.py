@@ -131,6 +131,22 @@ def test_state_file_round_trip(tmp_path):
     assert key.endswith(f"calibrator-{CALIBRATOR_VERSION}")
 
 
+def test_state_variables_round_trip(prefect_api):
+    from triattn_hub.nightly_state import new_record, open_state
+
+    store = open_state("prefect")
+    key = state_key("acme/state-space", "hf:acme/state-space@" + "3" * 40)
+    record = new_record("acme/state-space", "hf:acme/state-space@" + "3" * 40, "no attention " * 400)
+
+    assert store.get(key) is None
+    store.put(key, record)
+
+    stored = open_state("prefect").get(key)
+    assert stored == record
+    assert len(stored["reason"]) == 2000
+    assert store.variable_name(key).startswith("triattn-unsupported-")
+
+
 def test_current_version_needs_same_revision():
     entry = {
         "path": "models/a/b/v1",

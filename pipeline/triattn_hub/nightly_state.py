@@ -34,7 +34,14 @@ def state_key(model_id: str, weights: str, calibrator_version: int = CALIBRATOR_
     return f"{model_id}|{weights}|calibrator-{calibrator_version}"
 
 
+# Prefect Variable values are limited to 5000 characters of JSON (prefect 3.9), so long
+# reasons are cut to leave room for the other fields.
+MAX_REASON_CHARS = 2000
+
+
 def new_record(model_id: str, weights: str, reason: str) -> dict:
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[: MAX_REASON_CHARS - 3] + "..."
     return {
         "model_id": model_id,
         "weights": weights,
