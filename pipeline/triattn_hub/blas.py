@@ -26,7 +26,13 @@ instructions), caps OpenBLAS at 4 threads and needs a system `libgfortran.so.5`.
 works but is x86_64 only and about 700 MB installed, so it is supported only through
 TRIATTN_HUB_BLAS.
 
-OpenBLAS starts one thread per CPU core; OPENBLAS_NUM_THREADS overrides that.
+OpenBLAS starts one thread per CPU core, and OPENBLAS_NUM_THREADS overrides that. Only float32,
+float64 and complex64 matmuls go through BLAS: mlx computes bfloat16, float16 and quantized
+matmuls on the CPU with its own kernels, which this module does not speed up.
+
+NOTE: on a 2-core VM shared with other busy processes (load average 5), OPENBLAS_NUM_THREADS=1
+ran the SmolLM2-135M float32 forward 2 to 3 times faster than the default 2 threads. A machine
+with idle cores was not available to measure, so the default is left to OpenBLAS.
 """
 
 from __future__ import annotations
@@ -79,9 +85,11 @@ def enable_fast_cpu_blas() -> dict:
     Without TRIATTN_HUB_BLAS, a failure of every source leaves the bundled BLAS in place and
     logs a warning.
 
-    Returns a JSON-serialisable dict with the keys `backend` ("openblas", "mkl", "cblas",
-    "bundled" or "unchanged"), `library` (a file name, never a directory), `version`,
-    `source`, `threads` and `reason`; keys that do not apply are None. The first call's
+    Returns a JSON-serialisable dict with the keys `backend`, `library` (a file name, never a
+    directory), `version`, `source`, `threads` and `reason`. Keys that do not apply are None.
+    `backend` is "openblas", "mkl" or "cblas" after a load, "bundled" when mlx keeps its
+    reference BLAS, "preloaded" when a call came too late but a CBLAS was already in the
+    global scope (LD_PRELOAD), and "unchanged" when this function does not apply. The first call's
     result is cached, so calling again returns an equal dict and loads nothing.
     """
     global _cached_info
