@@ -286,8 +286,10 @@ def nightly_flow(
 
     `catalog` defaults to calibrations/catalog.yaml of the checkout. `state` is where models
     that cannot be calibrated are remembered: "prefect" (Prefect Variables) or a JSON file path
-    (default: nightly_state.default_state_path()). `only` restricts the run to these model ids,
-    `max_models` caps the calibrations of one run, and `dry_run` plans without calibrating.
+    (default: nightly_state.default_state_path()). `hf_endpoint` is the Hub that discovery and
+    the hub comparison query; model downloads use $HF_ENDPOINT, so set both to the same Hub.
+    `only` restricts the run to these model ids, `max_models` caps the calibrations of one
+    run, and `dry_run` plans without calibrating.
     Returns the summary rows; the run ends Failed if any model failed.
     """
     run_logger = get_run_logger()
