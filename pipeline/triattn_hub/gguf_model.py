@@ -468,14 +468,7 @@ def load_gguf(
     weights = _convert_weights(weights, arch, config, rope_layout, path.name)
     weights = {name: value.astype(DTYPES[dtype]) for name, value in weights.items()}
 
-    module = importlib.import_module(f"mlx_lm.models.{MLX_MODEL_TYPES[arch]}")
-    model = module.Model(module.ModelArgs.from_dict(config))
-    weights = model.sanitize(weights)
-    model.load_weights(list(weights.items()), strict=True)
-    if rope_factors is not None:
-        _install_rope_factors(model, rope_factors, config)
-    model.eval()
-    mx.eval(model.parameters())
+    model = _build_model(arch, config, weights, rope_factors)
     del weights
 
     tensor_types = Counter(info.ggml_type.name for info in gguf_file.tensors.values())
@@ -505,6 +498,19 @@ def load_gguf(
         path.name, arch, dtype, time.perf_counter() - started, tokenizer_seconds, info["weight_reader"],
     )
     return model, tokenizer, info
+
+
+def _build_model(arch: str, config: dict, weights: dict[str, mx.array], rope_factors: mx.array | None) -> nn.Module:
+    """Build mlx-lm's model for `arch` from `config` and load `weights`, all of which must be used."""
+    module = importlib.import_module(f"mlx_lm.models.{MLX_MODEL_TYPES[arch]}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    weights = model.sanitize(weights)
+    model.load_weights(list(weights.items()), strict=True)
+    if rope_factors is not None:
+        _install_rope_factors(model, rope_factors, config)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
 
 
 def _qk_permutation(arch: str, layout: str) -> str:
