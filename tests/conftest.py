@@ -5,6 +5,12 @@ from pathlib import Path
 # Tests import helper modules (tiny_models, hub_server) from this directory.
 sys.path.insert(0, str(Path(__file__).parent))
 
+# OpenBLAS must be in place before any test module imports mlx.core; the real-model tests run
+# several times faster with it. TRIATTN_HUB_BLAS=off in the environment keeps the bundled BLAS.
+from triattn_hub.blas import enable_fast_cpu_blas  # noqa: E402
+
+enable_fast_cpu_blas()
+
 
 # --- A Prefect server shared by the whole test session -----------------------------------------
 # Starting Prefect takes 10 to 20 seconds on a small machine, so tests that need Prefect share

@@ -26,13 +26,15 @@ instructions), caps OpenBLAS at 4 threads and needs a system `libgfortran.so.5`.
 works but is x86_64 only and about 700 MB installed, so it is supported only through
 TRIATTN_HUB_BLAS.
 
-OpenBLAS starts one thread per CPU core, and OPENBLAS_NUM_THREADS overrides that. Only float32,
+OpenBLAS runs one thread unless OPENBLAS_NUM_THREADS is set. Only float32,
 float64 and complex64 matmuls go through BLAS: mlx computes bfloat16, float16 and quantized
 matmuls on the CPU with its own kernels, which this module does not speed up.
 
-NOTE: on a 2-core VM shared with other busy processes (load average 5), OPENBLAS_NUM_THREADS=1
-ran the SmolLM2-135M float32 forward 2 to 3 times faster than the default 2 threads. A machine
-with idle cores was not available to measure, so the default is left to OpenBLAS.
+One BLAS thread is the default because more threads compete with mlx's own CPU threads.
+Measured with `pipeline/benchmarks/forward_speed.py --dtypes float32 --fast-threads auto,1` on a
+2-core x86_64 VM (load average about 3): SmolLM2-135M-shaped float32 forward over a 512-token
+chunk ran at 196 tokens/s with one thread and 38 tokens/s with two, although the matmuls alone
+ran at the same 118 to 226 GFLOP/s either way.
 """
 
 from __future__ import annotations
@@ -293,6 +295,8 @@ def _describe(handle: ctypes.CDLL) -> dict:
                 "32-bit integers. Use an LP64 build such as libopenblas.so.0."
             )
         match = re.search(r"OpenBLAS (\S+)", config)
+        if "OPENBLAS_NUM_THREADS" not in os.environ and hasattr(handle, "openblas_set_num_threads"):
+            handle.openblas_set_num_threads(1)
         threads = int(handle.openblas_get_num_threads())
         return _info("openblas", version=match.group(1) if match else config, threads=threads)
 

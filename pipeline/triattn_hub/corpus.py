@@ -634,3 +634,21 @@ def rehash_manifest(corpus_dir: str | Path) -> dict:
         prompts["count"] = sum(1 for line in data.decode("utf-8").splitlines() if line.strip())
     (corpus_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
+
+
+def encode_prompt(prompt: dict, tokenizer) -> np.ndarray:
+    """Return the token ids of one held-out prompt as the model would see it in a prefill.
+
+    Chat prompts (`messages`) go through the tokenizer's chat template, with the generation
+    prompt added because they end on a user turn. A tokenizer without a chat template gets the
+    messages' contents joined by blank lines. Plain prompts (`text`) are encoded as they are.
+    """
+    messages = prompt.get("messages")
+    if messages and getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer.encode(rendered, add_special_tokens=False)
+    elif messages:
+        ids = tokenizer.encode("\n\n".join(m["content"] for m in messages))
+    else:
+        ids = tokenizer.encode(prompt["text"])
+    return np.asarray(ids, dtype=np.int64)
