@@ -31,6 +31,7 @@ def _add_calibrate(subparsers) -> None:
     parser.add_argument("--private", action="store_true", default=None, help="mark the model private; its calibration then goes to private hubs only")
     parser.add_argument("--sequence-length", type=int, metavar="TOKENS", help="tokens per calibration sequence (default: the model's context, at most 8192)")
     parser.add_argument("--chunk-size", type=int, default=512, metavar="TOKENS", help="tokens per forward pass through the KV cache (default: 512)")
+    parser.add_argument("--allow-unconverged", action="store_true", help="publish even if the convergence gate fails; the manifest is marked so that clients warn")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.set_defaults(run=_run_calibrate)
 
@@ -48,6 +49,7 @@ def _run_calibrate(args) -> int:
         sequence_length=args.sequence_length,
         chunk_size=args.chunk_size,
         progress=args.progress,
+        allow_unconverged=args.allow_unconverged,
     )
     state = "published" if summary["created"] else "already published (identical inputs), nothing new written"
     print(
@@ -56,7 +58,9 @@ def _run_calibrate(args) -> int:
         f"  location: {summary['location']}\n"
         f"  tokens:   {summary['token_count']} in {summary['seconds']} s ({summary['tokens_per_second']} tokens/s, "
         f"{summary['compute_dtype']}, BLAS {summary['blas']})\n"
-        f"  layers:   {summary['calibrated_layers']} calibrated",
+        f"  layers:   {summary['calibrated_layers']} calibrated\n"
+        f"  convergence: {summary['convergence']} (N* = {summary['n_star'] or 'not reached'}, "
+        f"check took {summary['convergence_seconds']} s)",
         file=sys.stderr,
     )
     return 0
@@ -106,6 +110,37 @@ def _run_fetch(args) -> int:
     return 0
 
 
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="print the convergence table of a published calibration",
+        description="Fetch a calibration (as `fetch` does) and print the convergence section of its manifest as a table.",
+    )
+    parser.add_argument("model_id", help="model id, matched in full")
+    parser.add_argument("--version", help="artifact version such as v2 (default: the latest)")
+    parser.add_argument("--hub", action="append", metavar="HUB", help="hub to search (repeatable, searched in order; default as for fetch)")
+    parser.add_argument("--endpoint", metavar="URL", help="Hugging Face Hub endpoint (default: $HF_ENDPOINT, else https://huggingface.co)")
+    parser.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> int:
+    from .client import fetch
+    from .convergence_render import render_markdown
+
+    resolved = fetch(args.model_id, version=args.version, hubs=args.hub, endpoint=args.endpoint)
+    convergence = resolved.manifest.get("convergence")
+    print(f"# {resolved.model_id} {resolved.version} ({resolved.hub})\n")
+    if not convergence or convergence.get("verdict") == "unchecked":
+        print("This calibration has no convergence check in its manifest.")
+        return 0
+    print(render_markdown(convergence))
+    if convergence.get("published_unconverged"):
+        print("\nPublished although it failed the convergence gate.")
+    for warning in resolved.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triattn-hub", description="Calibrate, publish and fetch TriAttention Q-center statistics.")
     parser.add_argument("--version", action="version", version=f"triattn-hub {__version__}")
@@ -113,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_calibrate(subparsers)
     _add_fetch(subparsers)
+    _add_report(subparsers)
     return parser
 
 

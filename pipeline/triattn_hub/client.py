@@ -113,6 +113,14 @@ def fetch(
         resolved = _search(model_id, version, hub_addresses(hubs), token=token, endpoint=endpoint, model_path=model_path, cache_dir=cache_dir)
         if lock is not None:
             write_lock(lock, model_id, resolved)
+    convergence = resolved.manifest.get("convergence", {})
+    if convergence.get("published_unconverged"):
+        message = (
+            f"{resolved.model_id} {resolved.version} failed the convergence gate and was published anyway; "
+            "its Q-centers may be noisy (see `triattn-hub report`)"
+        )
+        logger.warning(message)
+        resolved.warnings.append(message)
     if output is not None:
         result = export_calibration(resolved.directory, export_format, output, pairing=pairing)
         resolved.exported = result.paths
@@ -151,6 +159,13 @@ def _search(model_id, version, addresses, *, token, endpoint, model_path, cache_
         return Resolved(model_id, chosen, address, directory, manifest, model_id, getattr(hub, "commit", None))
     if not addresses:
         raise CalibrationNotFoundError(f"no hubs to search for {model_id!r}")
+    if model_path is None and endpoint is None and not any(is_remote(a) for a in addresses):
+        # Only local hubs were searched: reading the model's card from the Hub would be the
+        # only network access of this fetch, so it takes an explicit --model-path or --endpoint.
+        raise CalibrationNotFoundError(
+            "; ".join(misses) + "; to fall back to a base model, pass --model-path DIR (or --endpoint URL) "
+            "so its config can be read"
+        )
     return _base_model_fallback(model_id, version, indexes, misses, token=token, endpoint=endpoint, model_path=model_path, cache_dir=cache_dir)
 
 

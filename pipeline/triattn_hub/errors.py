@@ -97,9 +97,9 @@ class ExportError(TriattnHubError):
     """A calibration cannot be written in a consumer's format without giving that consumer wrong values."""
 
 
-class ConvergenceError(TriattnHubError):
-    """The convergence check cannot run on its inputs (no sequences, an empty held-out sequence)."""
-
-
 class CatalogError(TriattnHubError):
     """A calibration catalog is missing, malformed or fails schema validation."""
+
+
+class NotConvergedError(TriattnHubError):
+    """A calibration failed the convergence gate, so it was not published."""

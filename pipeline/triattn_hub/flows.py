@@ -19,9 +19,12 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
 from .calibrate import DEFAULT_CHUNK_SIZE, calibrate  # noqa: E402
-from .corpus import parse_corpus_spec, tokenize_corpus  # noqa: E402
+from .convergence import convergence_report, plot_curves, render_markdown  # noqa: E402
+from .corpus import encode_prompt, load_prompts, parse_corpus_spec, tokenize_corpus  # noqa: E402
+from .errors import NotConvergedError  # noqa: E402
 from .hub import open_hub  # noqa: E402
 from .locks import model_lock  # noqa: E402
+from .model_check import layers_from_artifact, verify_against_model  # noqa: E402
 from .privacy import publish_target  # noqa: E402
 from .results import build_manifest, calibration_tensors  # noqa: E402
 from .sources import LoadedModel, load_model  # noqa: E402
@@ -54,6 +57,54 @@ def run_calibration(loaded: LoadedModel, token_ids, sequence_length: int | None,
         )
 
 
+@task(name="check-convergence", cache_policy=NONE)
+def check_convergence(loaded: LoadedModel, calibration, prompts_version: str) -> dict:
+    """Run the convergence check on the held-out prompts and attach its table as an artifact."""
+    prompts = [encode_prompt(prompt, loaded.tokenizer) for prompt in load_prompts(prompts_version)]
+    report = convergence_report(calibration, loaded.model, prompts)
+    _convergence_artifact(loaded.model_id, report)
+    return report
+
+
+def _convergence_artifact(model_id: str, report: dict) -> None:
+    """Publish the report's table and curves as a Prefect markdown artifact."""
+    import base64
+    import tempfile
+    from pathlib import Path
+
+    from prefect.artifacts import create_markdown_artifact
+
+    markdown = f"## Convergence of {model_id}\n\n" + render_markdown(report)
+    with tempfile.TemporaryDirectory() as work:
+        png = plot_curves(report, Path(work) / "convergence.png")
+        if png:
+            encoded = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+            markdown += f"\n\n![convergence curves](data:image/png;base64,{encoded})\n"
+    key = "convergence-" + "".join(c if c.isalnum() else "-" for c in model_id.lower())
+    create_markdown_artifact(markdown, key=key[:100], description=f"Convergence check of {model_id}")
+
+
+def enforce_gate(model_id: str, report: dict, allow_unconverged: bool) -> dict:
+    """Return the manifest's convergence section, or raise NotConvergedError when the gate failed.
+
+    With `allow_unconverged`, a failed calibration is returned marked `published_unconverged`,
+    so that clients warn.
+    """
+    if report["verdict"] != "failed":
+        return {**report, "published_unconverged": False}
+    if allow_unconverged:
+        logger.warning("%s failed the convergence gate; publishing anyway as asked", model_id)
+        return {**report, "published_unconverged": True}
+    gate = report.get("gate", {})
+    failing = gate.get("failing_heads", [])[:10]
+    heads = ", ".join(f"layer {h.get('layer')} head {h.get('head')}" for h in failing) or "see the report"
+    raise NotConvergedError(
+        f"{model_id}: the calibration did not converge, so it was not published. "
+        f"{gate.get('failing_head_count', len(failing))} heads failed ({heads}). {gate.get('hint', '')} "
+        "Pass --allow-unconverged to publish it anyway, marked as unconverged."
+    )
+
+
 @task(name="publish", retries=2, retry_delay_seconds=[5, 30], cache_policy=NONE)
 def publish(hub_address: str, tensors: dict, manifest: dict) -> dict:
     hub = open_hub(hub_address)
@@ -73,6 +124,7 @@ def calibrate_flow(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
     output: str | None = None,
+    allow_unconverged: bool = False,
 ) -> dict:
     """Calibrate one model and publish it; return a summary (version, whether new, token count, speed).
 
@@ -80,7 +132,9 @@ def calibrate_flow(
     from the Hugging Face Hub at `revision`. The hub is chosen by privacy.publish_target:
     `hub`, else hub.publish_address() for public models and $TRIATTN_PRIVATE_HUB for private
     ones. With `output`, the calibration is written to that directory (see staging.py) and not
-    published; the summary then has `output` and no version.
+    published; the summary then has `output` and no version. A calibration that fails the
+    convergence gate raises NotConvergedError before anything is written, unless
+    `allow_unconverged` is set.
     """
     run_logger = get_run_logger()
     if private and not output:
@@ -90,13 +144,18 @@ def calibrate_flow(
     token_ids, corpus_record = prepare_corpus(corpus, loaded.tokenizer)
     run_logger.info("corpus %s: %d tokens", corpus_record.get("version") or corpus_record["kind"], corpus_record["token_count"])
     calibration = run_calibration(loaded, token_ids, sequence_length, chunk_size, progress)
-    manifest = build_manifest(loaded, calibration, corpus_record, blas=BLAS_INFO)
+    report = check_convergence(loaded, calibration, corpus_record.get("version") or "v1")
+    convergence = enforce_gate(model_id, report, allow_unconverged)
+    manifest = build_manifest(loaded, calibration, corpus_record, blas=BLAS_INFO, convergence=convergence)
+    tensors = calibration_tensors(calibration)
+    # The loader check: the artifact's omega and geometry must match the live model's RoPE.
+    verify_against_model(layers_from_artifact(manifest, tensors), loaded.model)
     if output:
-        write_unpublished(output, calibration_tensors(calibration), manifest)
+        write_unpublished(output, tensors, manifest)
         run_logger.info("%s: calibration written to %s, not published", model_id, output)
         outcome = {"version": None, "created": None, "location": None, "output": output}
     else:
-        outcome = publish(hub_address, calibration_tensors(calibration), manifest)
+        outcome = publish(hub_address, tensors, manifest)
     summary = {
         "model_id": model_id,
         "hub": hub_address,
@@ -107,6 +166,9 @@ def calibrate_flow(
         "tokens_per_second": round(calibration.token_count / max(calibration.seconds, 1e-9), 1),
         "compute_dtype": calibration.compute_dtype,
         "blas": BLAS_INFO.get("backend"),
+        "convergence": convergence["verdict"],
+        "n_star": convergence.get("n_star"),
+        "convergence_seconds": convergence.get("cost", {}).get("seconds"),
     }
     if output:
         return summary

@@ -26,7 +26,7 @@ def _common(values):
 
 def geometry_record(calibration: Calibration) -> dict:
     layers = calibration.model_layers.layers
-    return {
+    record = {
         "n_layers": calibration.model_layers.n_layers,
         "calibrated_layers": [layer.index for layer in layers],
         # Top-level values are set only when every calibrated layer agrees; per-layer records rule.
@@ -37,6 +37,10 @@ def geometry_record(calibration: Calibration) -> dict:
         "layers": [layer.to_json() for layer in layers],
         "skipped_layers": calibration.model_layers.skipped,
     }
+    architecture = calibration.model_layers.architecture
+    if architecture:
+        record["implementation"] = {k: architecture[k] for k in ("model_type", "library", "module") if k in architecture}
+    return record
 
 
 def calibration_settings(calibration: Calibration) -> dict:
