@@ -3,7 +3,8 @@
 The lock is a Prefect global concurrency limit of one slot named `calibrate-{model id}` (with
 "/" replaced by "--", which Prefect names cannot contain). It is created on first use. The
 slot is held under a lease that Prefect renews while the calibration runs, and that expires if
-the worker dies, so a crashed run does not block the model forever.
+the worker dies, so a crashed run does not block the model forever. Without a Prefect API
+server (local ephemeral mode) there are no other workers and no lock is taken.
 """
 
 from __future__ import annotations
@@ -47,9 +48,16 @@ def model_lock(model_id: str, *, timeout_seconds: float | None = None):
     Raises TimeoutError when `timeout_seconds` pass without getting the slot.
     """
     from prefect.concurrency.sync import concurrency
+    from prefect.settings import get_current_settings
 
+    if not get_current_settings().api.url:
+        # Local ephemeral mode (the CLI): this process is the only worker, and an ephemeral
+        # server does not run the service that expires the leases of killed runs, so a slot
+        # left by an interrupted run would block every later run of the model.
+        yield
+        return
     name = lock_name(model_id)
     ensure_limit(name)
-    logger.debug("waiting for lock %s", name)
+    logger.info("waiting for lock %s", name)
     with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
         yield
