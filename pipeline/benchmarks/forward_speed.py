@@ -62,9 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--fast-threads",
-        default="auto,1",
+        default="auto,2",
         help="comma-separated BLAS thread counts to run the fast BLAS with, one column each. 'auto' keeps "
-        "the library's default or OPENBLAS_NUM_THREADS (default auto,1)",
+        "triattn-hub's default of one thread, or OPENBLAS_NUM_THREADS if set (default auto,2)",
     )
     parser.add_argument("--worker", choices=("bundled", "fast"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
