@@ -239,6 +239,17 @@ def test_gate_fails_single_sequence():
     assert "fills at least two" in verdict["hint"]
 
 
+def test_interleaved_split_ignores_content_order():
+    # Sequences 0, 1 come from one kind of text and 2, 3 from another with other centers, so the
+    # contiguous halves disagree while even against odd sequences see the same mix.
+    first_kind = _sequence_stats([[True] * 4], sequences=2, seed=1)
+    second_kind = _sequence_stats([[True] * 4], sequences=2, seed=2)
+    report = check_reference(first_kind + second_kind)
+    assert report["split_half"]["metrics"]["cosine"]["mean"] < 0.95
+    assert report["split_interleaved"]["metrics"]["cosine"]["min"] > 0.999
+    assert gate(report, Thresholds())["verdict"] == "failed"
+
+
 def test_n_star_is_first_n_at_noise_floor():
     floor = {"p5": 0.95}
     overlap = {f"overlap_l{f}": {"mean": 0.8, "p5": 0.7} for f in (16, 8, 4)}
@@ -301,6 +312,7 @@ def test_report_on_tiny_model(model, tmp_path):
     assert report["verdict"] in ("passed", "failed")
     assert set(report["definitions"]) == set(DEFINITIONS)
     assert report["split_half"]["sequences"] == [2, 2]
+    assert report["split_interleaved"]["sequences"] == [2, 2]
     assert report["heldout"]["tokens"] == 128
     assert [entry["n"] for entry in report["online"]] == [32, 64, 128]
     assert all(entry["prompts"] == 3 for entry in report["online"])
@@ -309,6 +321,7 @@ def test_report_on_tiny_model(model, tmp_path):
 
     markdown = render_markdown(report)
     assert "| split half |" in markdown
+    assert "| even/odd sequences |" in markdown
     assert "| online N=128 | 3 |" in markdown
     png = plot_curves(report, tmp_path / "curves.png")
     assert png is not None

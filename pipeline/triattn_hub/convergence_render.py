@@ -30,6 +30,8 @@ def render_markdown(report: dict) -> str:
     rows = []
     if report.get("split_half"):
         rows.append(("split half", "–", report["split_half"]["metrics"], report["split_half"].get("key_agreement") or {}))
+    if report.get("split_interleaved"):
+        rows.append(("even/odd sequences", "–", report["split_interleaved"]["metrics"], {}))
     for entry in report.get("online", []):
         rows.append((f"online N={entry['n']}", str(entry["prompts"]), entry["metrics"], entry["key_agreement"]))
     for label, prompts, metrics, agreement in rows:
