@@ -13,6 +13,7 @@ from triattn_hub.convergence import (
     DEFINITIONS,
     ERROR_METRICS,
     Thresholds,
+    capture_keys,
     check_reference,
     compare,
     convergence_report,
@@ -32,6 +33,8 @@ from triattn_hub.convergence import (
     summarize_agreement,
     top_overlap,
 )
+from triattn_hub.rope import merge_bands
+from triattn_hub.scoring import score_keys
 from triattn_hub.stats import BandStats
 
 
@@ -338,3 +341,65 @@ def test_random_llama_on_random_tokens_fails_gate(model):
     assert verdict["verdict"] == "failed"
     assert verdict["failing_head_count"] > 0
     assert verdict["failing_heads"][0]["layer"] in {layer.index for layer in layers.layers}
+
+
+# --- with SmolLM2-135M ----------------------------------------------------------------------------
+
+TEXT = (
+    "A lighthouse keeper writes the weather into a log every evening: the wind, the height of the "
+    "swell, the ships that passed and the hour the lamp was lit. Over forty years the log fills "
+    "eleven volumes. Read in order, the entries show the slow arrival of radio, then radar, then the "
+    "automatic lamp that made the keeper's job unnecessary. The last entry is short. It says that the "
+    "lamp was lit, that the sea was calm, and that the keeper handed the key to the harbour office."
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from triattn_hub.gguf_model import load_gguf, smollm2_gguf_path
+
+    model, tokenizer, _ = load_gguf(smollm2_gguf_path())
+    return model, tokenizer, find_attention_layers(model)
+
+
+def test_smollm2_prefix_stats_equal_prefill(smollm2):
+    model, tokenizer, layers = smollm2
+    ids = np.asarray(tokenizer.encode(TEXT))
+    assert ids.size >= 96
+    estimates = online_estimates(model, [ids[:96]], [32, 64], layers, chunk_size=40)
+    separate = calibrate(model, ids[:64], sequence_length=64, progress=False, model_layers=layers).merged()
+    for index, stats in estimates[64][0].items():
+        got = stats.means()
+        want = separate[index].means()
+        for name in ("q_mean_real", "q_mean_imag", "q_abs_mean"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-3, err_msg=f"layer {index} {name}")
+
+
+def test_smollm2_scores_equal_rotated_dot_products(smollm2):
+    # Scores of the captured keys for one future offset must equal RoPE(center, t) . RoPE(k, p)
+    # computed with the model's own RoPE module, query head h against KV head h // 3.
+    import mlx.core as mx
+
+    model, tokenizer, layers = smollm2
+    ids = np.asarray(tokenizer.encode(TEXT))[:48]
+    keys = capture_keys(model, layers, ids)
+    assert len(keys) == 30
+    center = online_estimates(model, [ids], [48], layers)[48][0]
+    for layer in (layers.layers[0], layers.layers[17]):
+        real, imag = keys[layer.index]
+        assert real.shape == (3, 48, 32)
+        means = center[layer.index].means()
+        query_position, offset = 47, 100
+        scores = score_keys(
+            means["q_mean_real"], means["q_mean_imag"], means["q_abs_mean"], layer.rope.omega, real, imag,
+            np.arange(48), query_position, offsets=(offset,), norm_term="none",
+        )
+
+        rope = layer.attention.rope
+        center_vectors = merge_bands(means["q_mean_real"], means["q_mean_imag"], layer.rope.layout, layer.head_dim)
+        rotated_centers = np.array(rope(mx.array(center_vectors[None, :, None, :].astype(np.float32)), offset=query_position + offset))[0, :, 0]
+        key_vectors = merge_bands(real, imag, layer.rope.layout, layer.head_dim)
+        rotated_keys = np.array(rope(mx.array(key_vectors[None].astype(np.float32)), offset=0))[0]
+        expected = np.einsum("hd,hnd->hn", rotated_centers, np.repeat(rotated_keys, 3, axis=0))
+        np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
