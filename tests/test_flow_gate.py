@@ -8,9 +8,9 @@ import pytest
 
 from tiny_model_dir import save_tiny_llama_dir
 from triattn_hub.artifact import read_manifest
-from triattn_hub.client import fetch
+from triattn_hub.client import check_against_model, fetch
 from triattn_hub.corpus import load_builtin_corpus
-from triattn_hub.errors import NotConvergedError
+from triattn_hub.errors import GeometryMismatchError, NotConvergedError
 from triattn_hub.hub_local import LocalHub
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -89,3 +89,33 @@ def test_smollm2_verdict_matches_its_numbers(prefect_api, tmp_path, smollm2_corp
     index = LocalHub(allowed_hub).read_index()
     assert index["models"][SMOLLM2]["versions"]["v1"]["convergence"] == convergence["verdict"]
     assert json.loads((allowed_hub / "models" / SMOLLM2 / "v1" / "manifest.json").read_text())["convergence"]["verdict"] == convergence["verdict"]
+
+
+def test_fetch_checks_live_model(tmp_path, calibrated_tiny_hub):
+    hub, model_dir, other_dir = calibrated_tiny_hub
+    resolved = fetch("acme/tiny-checked", hubs=[str(hub)])
+
+    report = check_against_model(resolved, str(model_dir))
+    assert report["layers_checked"] == 2
+    assert report["max_omega_relative_difference"] < 1e-5
+
+    # Same geometry, but a rope base of 500000 instead of 10000.
+    with pytest.raises(GeometryMismatchError) as info:
+        check_against_model(resolved, str(other_dir))
+    assert "omega" in str(info.value)
+
+
+@pytest.fixture
+def calibrated_tiny_hub(prefect_api, tmp_path):
+    from triattn_hub.flows import calibrate_flow
+
+    model_dir = save_tiny_llama_dir(tmp_path / "tiny")
+    other_dir = save_tiny_llama_dir(tmp_path / "other", config_overrides={"rope_theta": 500000.0})
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(load_builtin_corpus().text[:3000], encoding="utf-8")
+    hub = tmp_path / "hub"
+    calibrate_flow(
+        model_id="acme/tiny-checked", source=str(model_dir), corpus=str(corpus), hub=str(hub),
+        sequence_length=256, progress=False, allow_unconverged=True,
+    )
+    return hub, model_dir, other_dir

@@ -85,6 +85,7 @@ def _add_fetch(subparsers) -> None:
     parser.add_argument("--model-path", metavar="DIR", help="local model directory whose config.json and README.md declare the base model, for the base-model fallback (default: read them from the model's Hub repo)")
     parser.add_argument("--output", metavar="DIR", help="write the calibration into DIR in --format")
     parser.add_argument("--format", dest="export_format", choices=FORMATS, default=NATIVE, help="format written into --output: native (calibration.safetensors + manifest.json), mlx-vlm (the file of MLX-VLM pull request 985) or triattention-npz (the .npz of the TriAttention MLX loader); default: native")
+    parser.add_argument("--check-model", metavar="SOURCE", help="also check the calibration's omega and geometry against the live model loaded from SOURCE (a model directory, .gguf file or package:NAME); imports mlx")
     parser.add_argument("--pairing", choices=PAIRINGS, help="RoPE pairing of the mlx-vlm format: rope (the model's true bands) or pr985 (what the published pull request computes); required with --format mlx-vlm")
     parser.set_defaults(run=_run_fetch)
 
@@ -105,6 +106,11 @@ def _run_fetch(args) -> int:
     )
     for warning in resolved.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if args.check_model:
+        from .client import check_against_model
+
+        check_against_model(resolved, args.check_model)
+        print(f"{resolved.model_id} {resolved.version}: omega and geometry match the model from {args.check_model}", file=sys.stderr)
     for path in resolved.exported if args.export_format != "native" else [resolved.path]:
         print(path)
     return 0

@@ -279,3 +279,23 @@ def copy_artifact(source: Path, target: Path) -> Path:
             Path(tmp).unlink(missing_ok=True)
             raise
     return target
+
+
+def check_against_model(resolved: Resolved, source: str) -> dict:
+    """Check a fetched calibration against the live model it is meant for, and return the report.
+
+    Loads the model from `source` (a model directory, a .gguf file or `package:NAME`), measures
+    each layer's omega by rotating basis vectors through its live RoPE module, and compares
+    omega, head counts and head sizes with the artifact. Raises GeometryMismatchError with both
+    values on any difference. This imports mlx, so it runs only when asked for.
+    """
+    from .blas import enable_fast_cpu_blas
+
+    enable_fast_cpu_blas()
+    from .artifact import load_tensors
+    from .model_check import layers_from_artifact, verify_against_model
+    from .sources import load_model
+
+    loaded = load_model(resolved.model_id, source=source, compute_dtype=None)
+    tensors, _ = load_tensors(resolved.path)
+    return verify_against_model(layers_from_artifact(resolved.manifest, tensors), loaded.model)
