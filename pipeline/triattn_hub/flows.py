@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE  # noqa: E402
 from .calibrate import DEFAULT_CHUNK_SIZE, calibrate  # noqa: E402
 from .convergence import convergence_report, plot_curves, render_markdown  # noqa: E402
 from .corpus import encode_prompt, load_prompts, parse_corpus_spec, tokenize_corpus  # noqa: E402
-from .errors import NotConvergedError  # noqa: E402
+from .errors import NotConvergedError, OfflineError  # noqa: E402
 from .hub import open_hub  # noqa: E402
 from .locks import model_lock  # noqa: E402
 from .model_check import layers_from_artifact, verify_against_model  # noqa: E402
@@ -34,7 +34,24 @@ from .tokens import hf_token  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
-@task(name="pull-model", retries=2, retry_delay_seconds=[10, 60], cache_policy=NONE)
+def _is_transient(task, task_run, state) -> bool:
+    """Return True for failures worth retrying: network and Hub errors, not bad input."""
+    from .errors import AccessDeniedError, TriattnHubError
+
+    try:
+        state.result()
+    except (AccessDeniedError, NotConvergedError):
+        return False
+    except OfflineError:
+        return True
+    except TriattnHubError:
+        return False
+    except Exception:  # noqa: BLE001  (a Prefect retry condition sees every exception type)
+        return True
+    return False
+
+
+@task(name="pull-model", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_is_transient, cache_policy=NONE)
 def pull_model(model_id: str, source: str | None, revision: str | None, private: bool | None) -> LoadedModel:
     """Download or open the model and load it for calibration."""
     return load_model(model_id, source=source, revision=revision, private=private, token=hf_token())
@@ -105,7 +122,7 @@ def enforce_gate(model_id: str, report: dict, allow_unconverged: bool) -> dict:
     )
 
 
-@task(name="publish", retries=2, retry_delay_seconds=[5, 30], cache_policy=NONE)
+@task(name="publish", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_is_transient, cache_policy=NONE)
 def publish(hub_address: str, tensors: dict, manifest: dict) -> dict:
     hub = open_hub(hub_address)
     result = hub.publish(tensors, manifest)
