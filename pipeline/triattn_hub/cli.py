@@ -63,7 +63,13 @@ def check_calibrate_arguments(args) -> None:
 
 
 def _run_calibrate(args) -> int:
+    import os
+
     check_calibrate_arguments(args)
+    # The temporary Prefect server would report usage to Prefect over the network; calibration
+    # runs offline unless the user sets these themselves.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     from .flows import calibrate_flow
 
     summary = calibrate_flow(
