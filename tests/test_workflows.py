@@ -78,6 +78,20 @@ def test_actionlint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_zizmor_finds_nothing():
+    """zizmor (installed by the test extra) lints the workflows offline."""
+    zizmor = Path(sys.executable).with_name("zizmor")
+    config = WORKFLOWS.parent / "zizmor.yml"
+
+    result = subprocess.run(
+        [str(zizmor), "--offline", "--no-progress", "--config", str(config), str(WORKFLOWS)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No findings to report" in result.stdout + result.stderr
+
+
 def test_tests_workflow_runs_ci_script():
     workflow = load_workflow("tests.yml")
     on = triggers(workflow)
