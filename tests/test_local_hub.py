@@ -167,3 +167,22 @@ def test_fetch_imports_no_heavy_modules(tmp_path, calibrated):
     )
     done = subprocess.run([sys.executable, "-c", code, str(hub.root)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_published_files_follow_umask(tmp_path, calibrated):
+    previous = os.umask(0o022)
+    try:
+        hub = LocalHub(tmp_path / "hub")
+        result = _publish(hub, calibrated)
+    finally:
+        os.umask(previous)
+    version_dir = tmp_path / "hub" / "models/test-org/tiny-llama" / result.version
+    assert (version_dir / ARTIFACT_NAME).stat().st_mode & 0o777 == 0o644
+    assert (version_dir / MANIFEST_NAME).stat().st_mode & 0o777 == 0o644
+    assert version_dir.stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "hub" / "index.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_missing_hub_directory_is_named(tmp_path):
+    with pytest.raises(CalibrationNotFoundError, match="does not exist"):
+        fetch("test-org/tiny-llama", hubs=[str(tmp_path / "no-such-hub")])

@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import ARTIFACT_NAME, MANIFEST_NAME, verify_artifact
+from .artifact import _umask, ARTIFACT_NAME, MANIFEST_NAME, verify_artifact
 from .errors import AccessDeniedError, CalibrationNotFoundError, HubError, IntegrityError, ModelSourceError, OfflineError
 from .hub import hub_addresses, is_remote
 from .index import resolve
@@ -146,6 +146,9 @@ def _verified(hub, address: str, model_id: str, chosen: str, entry: dict) -> tup
 def _search(model_id, version, addresses, *, token, endpoint, model_path, cache_dir) -> Resolved:
     indexes, misses = [], []
     for address in addresses:
+        if not is_remote(address) and not Path(address).expanduser().is_dir():
+            misses.append(f"hub directory {address} does not exist")
+            continue
         hub = open_hub(address, token=token, endpoint=endpoint, cache_dir=cache_dir)
         index = hub.read_index()
         indexes.append((address, hub, index))
@@ -274,6 +277,7 @@ def copy_artifact(source: Path, target: Path) -> Path:
         os.close(fd)
         try:
             shutil.copyfile(source / name, tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it owner-only
             os.replace(tmp, target / name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

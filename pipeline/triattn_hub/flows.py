@@ -34,6 +34,13 @@ from .tokens import hf_token  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+def _tokenizer_label(loaded: LoadedModel) -> str:
+    """Name the tokenizer by where it came from: the GGUF file or the model id and revision."""
+    if loaded.source.get("kind") == "gguf":
+        return f"gguf:{loaded.source['file_name']}"
+    return f"{loaded.model_id}@{loaded.revision}" if loaded.revision else loaded.model_id
+
+
 def _is_transient(task, task_run, state) -> bool:
     """Return True for failures worth retrying: network and Hub errors, not bad input."""
     from .errors import AccessDeniedError, TriattnHubError
@@ -58,9 +65,9 @@ def pull_model(model_id: str, source: str | None, revision: str | None, private:
 
 
 @task(name="tokenize-corpus", cache_policy=NONE)
-def prepare_corpus(spec: str, tokenizer) -> tuple[list[int], dict]:
+def prepare_corpus(spec: str, tokenizer, tokenizer_label: str) -> tuple[list[int], dict]:
     corpus = parse_corpus_spec(spec)
-    token_ids, record = tokenize_corpus(corpus, tokenizer)
+    token_ids, record = tokenize_corpus(corpus, tokenizer, tokenizer_label=tokenizer_label)
     return token_ids, {**corpus.spec, **record}
 
 
@@ -158,7 +165,7 @@ def calibrate_flow(
         publish_target(hub, True)  # a private model without a private hub fails before the download
     loaded = pull_model(model_id, source, revision, private)
     hub_address = None if output else publish_target(hub, loaded.private)
-    token_ids, corpus_record = prepare_corpus(corpus, loaded.tokenizer)
+    token_ids, corpus_record = prepare_corpus(corpus, loaded.tokenizer, _tokenizer_label(loaded))
     run_logger.info("corpus %s: %d tokens", corpus_record.get("version") or corpus_record["kind"], corpus_record["token_count"])
     calibration = run_calibration(loaded, token_ids, sequence_length, chunk_size, progress)
     report = check_convergence(loaded, calibration, corpus_record.get("version") or "v1")

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifact import _atomic_write_bytes, write_artifact
+from .artifact import _atomic_write_bytes, _umask, write_artifact
 from .card import render_card
 from .errors import HubError
 from .index import INDEX_NAME, add_version, check_index, empty_index, find_by_inputs, next_version, version_dir
@@ -94,6 +94,7 @@ class LocalHub:
             staging_root = self.root / ".staging"
             staging_root.mkdir(exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=staging_root))
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it owner-only
             try:
                 full = write_artifact(staging, tensors, {**manifest, "artifact_version": version})
                 updated = add_version(index, full)

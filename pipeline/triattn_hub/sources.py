@@ -191,7 +191,7 @@ def load_model(
         }
         return LoadedModel(
             model, tokenizer, model_id, revision, record,
-            info.get("architecture", {}).get("model_type", "unknown") if isinstance(info.get("architecture"), dict) else str(info.get("architecture")),
+            _gguf_architecture(info),
             quantization, bool(private), f"gguf:{info['sha256']}", None, info.get("config", {}),
         )
     if path.is_dir():
@@ -205,6 +205,14 @@ def load_model(
             f"local:{weights}", _base_model(path, config), config,
         )
     raise ModelSourceError(f"model source {str(path)!r} is neither a model directory nor a .gguf file")
+
+
+def _gguf_architecture(info: dict) -> str:
+    """Return the mlx-lm model type of a loaded GGUF file (its GGUF architecture otherwise)."""
+    architecture = info.get("architecture")
+    if isinstance(architecture, dict):
+        return architecture.get("mlx_lm") or architecture.get("gguf") or "unknown"
+    return str(architecture or "unknown")
 
 
 def _quantization_name(config: dict) -> str | None:
