@@ -294,12 +294,16 @@ def mlx_vlm_tensors(tensors: dict, manifest: dict, *, pairing: str | None) -> tu
 # TriAttention repository, MLX loader
 
 
-def plain_rope_theta(omega: np.ndarray, head_dim: int) -> float | None:
-    """Return theta when omega_f = theta^(-2f/head_dim) for every band, else None."""
+def plain_rope_theta(omega: np.ndarray, head_dim: int, declared: float | None = None) -> float | None:
+    """Return theta when omega_f = theta^(-2f/head_dim) for every band, else None.
+
+    `declared` (the rope base the manifest records) is returned when it fits, because theta
+    recomputed from float32 omega is off in its last digits (100000.124 for 1e5).
+    """
     omega = np.asarray(omega, dtype=np.float64)
     if omega.size < 2 or not np.all(omega > 0) or abs(omega[0] - 1.0) > 1e-6:
         return None
-    theta = float(omega[1] ** (-head_dim / 2.0))
+    theta = float(declared) if declared else float(omega[1] ** (-head_dim / 2.0))
     expected = theta ** (-2.0 * np.arange(omega.size) / head_dim)
     if not np.allclose(omega, expected, rtol=1e-5, atol=0.0):
         return None
@@ -323,7 +327,7 @@ def triattention_npz_arrays(tensors: dict, manifest: dict) -> tuple[dict, list[s
         )
 
     omega = tensors[f"layers.{reference['index']}.omega"].astype(np.float64)
-    theta = plain_rope_theta(omega, head_dim)
+    theta = plain_rope_theta(omega, head_dim, rope.get("settings", {}).get("base")) or plain_rope_theta(omega, head_dim)
     if theta is None:
         raise ExportError(
             "the TriAttention MLX loader builds omega as rope_theta^(-2f/head_dim), but this model's RoPE "
