@@ -334,7 +334,7 @@ def _snapshot(stats: Mapping[int, BandStats]) -> dict[int, BandStats]:
 
 
 def online_estimates(
-    model, prompts_token_ids, n_values, model_layers, *, chunk_size: int | None = None
+    model, prompts_token_ids, n_values, model_layers, *, chunk_size: int | None = None, progress: bool = False
 ) -> dict[int, list[dict[int, BandStats]]]:
     """Return the statistics of the first N tokens of each prompt, for every N in `n_values`.
 
@@ -355,8 +355,10 @@ def online_estimates(
     layers = model_layers.layers
     result: dict[int, list[dict[int, BandStats]]] = {n: [] for n in n_values}
 
+    from tqdm.auto import tqdm
+
     with RopeTaps(layers) as taps:
-        for prompt in prompts_token_ids:
+        for prompt in tqdm(prompts_token_ids, desc="online estimates", unit="prompt", disable=not progress):
             ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
             pending = [n for n in n_values if n <= ids.size]
             if not pending:
@@ -442,6 +444,7 @@ def convergence_report(
     *,
     chunk_size: int | None = None,
     keep_per_head: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Check a calibration's convergence and return the `convergence` section of its manifest.
 
@@ -493,7 +496,7 @@ def convergence_report(
     planned = [p[:n] for p, n in zip(prompts, plan) if n > 0]
     if len(planned) < len(prompts):
         logger.info("convergence check prefills %d of %d prompts to stay within %d tokens", len(planned), len(prompts), budget)
-    online = online_estimates(model, planned, n_values, model_layers, chunk_size=chunk_size) if planned else {}
+    online = online_estimates(model, planned, n_values, model_layers, chunk_size=chunk_size, progress=progress) if planned else {}
     report["online"] = _online_section(online, reference, reference_scores, keys, omegas)
     report["n_star"] = find_n_star(report, limits)
 

@@ -82,10 +82,10 @@ def run_calibration(loaded: LoadedModel, token_ids, sequence_length: int | None,
 
 
 @task(name="check-convergence", cache_policy=NONE)
-def check_convergence(loaded: LoadedModel, calibration, prompts_version: str) -> dict:
+def check_convergence(loaded: LoadedModel, calibration, prompts_version: str, progress: bool) -> dict:
     """Run the convergence check on the held-out prompts and attach its table as an artifact."""
     prompts = [encode_prompt(prompt, loaded.tokenizer) for prompt in load_prompts(prompts_version)]
-    report = convergence_report(calibration, loaded.model, prompts)
+    report = convergence_report(calibration, loaded.model, prompts, progress=progress)
     _convergence_artifact(loaded.model_id, report)
     return report
 
@@ -117,7 +117,7 @@ def enforce_gate(model_id: str, report: dict, allow_unconverged: bool) -> dict:
     if report["verdict"] != "failed":
         return {**report, "published_unconverged": False}
     if allow_unconverged:
-        logger.warning("%s failed the convergence gate; publishing anyway as asked", model_id)
+        logger.warning("%s failed the convergence gate; publishing anyway because allow_unconverged is set", model_id)
         return {**report, "published_unconverged": True}
     gate = report.get("gate", {})
     failing = gate.get("failing_heads", [])[:10]
@@ -168,7 +168,7 @@ def calibrate_flow(
     token_ids, corpus_record = prepare_corpus(corpus, loaded.tokenizer, _tokenizer_label(loaded))
     run_logger.info("corpus %s: %d tokens", corpus_record.get("version") or corpus_record["kind"], corpus_record["token_count"])
     calibration = run_calibration(loaded, token_ids, sequence_length, chunk_size, progress)
-    report = check_convergence(loaded, calibration, corpus_record.get("version") or "v1")
+    report = check_convergence(loaded, calibration, corpus_record.get("version") or "v1", progress)
     convergence = enforce_gate(model_id, report, allow_unconverged)
     manifest = build_manifest(loaded, calibration, corpus_record, blas=BLAS_INFO, convergence=convergence)
     tensors = calibration_tensors(calibration)
