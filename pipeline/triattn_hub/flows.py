@@ -18,11 +18,13 @@ import logging  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
-from .calibrate import DEFAULT_CHUNK_SIZE, calibrate  # noqa: E402
+from .calibrate import DEFAULT_CHUNK_SIZE, calibrate, default_sequence_length, model_compute_dtype  # noqa: E402
 from .convergence import convergence_report, plot_curves, render_markdown  # noqa: E402
 from .corpus import encode_prompt, load_prompts, parse_corpus_spec, tokenize_corpus  # noqa: E402
 from .errors import NotConvergedError, OfflineError  # noqa: E402
 from .hub import open_hub  # noqa: E402
+from .index import find_by_inputs  # noqa: E402
+from .manifest import inputs_fingerprint  # noqa: E402
 from .locks import model_lock  # noqa: E402
 from .model_check import layers_from_artifact, verify_against_model  # noqa: E402
 from .privacy import publish_target  # noqa: E402
@@ -129,6 +131,42 @@ def enforce_gate(model_id: str, report: dict, allow_unconverged: bool) -> dict:
     )
 
 
+@task(name="find-published", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_is_transient, cache_policy=NONE)
+def find_published(hub_address: str, loaded: LoadedModel, corpus_record: dict, sequence_length: int | None, chunk_size: int) -> dict | None:
+    """Return the flow summary of a version already calibrated from these inputs, or None.
+
+    The inputs fingerprint needs only the weights, the corpus token ids and the settings, so
+    an identical run is recognised before the calibration instead of after it.
+    """
+    settings = {
+        "sequence_length": sequence_length or default_sequence_length(loaded.model),
+        "chunk_size": chunk_size,
+        "compute_dtype": model_compute_dtype(loaded.model),
+    }
+    fingerprint = inputs_fingerprint(weights=loaded.weights_fingerprint, corpus=corpus_record, settings=settings)
+    index = open_hub(hub_address).read_index()
+    version = find_by_inputs(index, loaded.model_id, fingerprint)
+    if version is None:
+        return None
+    entry = index["models"][loaded.model_id]["versions"][version]
+    return {
+        "model_id": loaded.model_id,
+        "hub": hub_address,
+        "version": version,
+        "created": False,
+        "location": entry["path"],
+        "token_count": entry["token_count"],
+        "calibrated_layers": len(entry["geometry"]["calibrated_layers"]),
+        "seconds": 0.0,
+        "tokens_per_second": 0.0,
+        "compute_dtype": settings["compute_dtype"],
+        "blas": BLAS_INFO.get("backend"),
+        "convergence": entry.get("convergence", "unchecked"),
+        "n_star": None,
+        "convergence_seconds": 0.0,
+    }
+
+
 @task(name="publish", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_is_transient, cache_policy=NONE)
 def publish(hub_address: str, tensors: dict, manifest: dict) -> dict:
     hub = open_hub(hub_address)
@@ -167,6 +205,11 @@ def calibrate_flow(
     hub_address = None if output else publish_target(hub, loaded.private)
     token_ids, corpus_record = prepare_corpus(corpus, loaded.tokenizer, _tokenizer_label(loaded))
     run_logger.info("corpus %s: %d tokens", corpus_record.get("version") or corpus_record["kind"], corpus_record["token_count"])
+    if not output:
+        existing = find_published(hub_address, loaded, corpus_record, sequence_length, chunk_size)
+        if existing is not None:
+            run_logger.info("%s %s already holds these inputs in %s; nothing to calibrate", model_id, existing["version"], hub_address)
+            return existing
     calibration = run_calibration(loaded, token_ids, sequence_length, chunk_size, progress)
     report = check_convergence(loaded, calibration, corpus_record.get("version") or "v1", progress)
     convergence = enforce_gate(model_id, report, allow_unconverged)
