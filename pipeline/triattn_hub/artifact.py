@@ -6,7 +6,7 @@ Tensors, for each calibrated layer i (layers without RoPE attention are absent, 
   layers.{i}.omega                                  float32 [bands]               rad / position
   layers.{i}.q_real_sq_mean, .q_imag_sq_mean, .q_abs_sq_mean
                                                     float64 [query heads, bands]  second moments
-The safetensors metadata holds the manifest without its `files` section under the key
+The safetensors metadata contains the manifest without its `files` section under the key
 `triattn_hub.manifest`, so the file describes itself; manifest.json adds the sha256 and size
 of the file.
 """
@@ -101,7 +101,7 @@ def check_tensors(tensors: dict[str, np.ndarray], manifest: dict) -> None:
             if key not in tensors:
                 raise ManifestError(f"tensor {key} is missing for calibrated layer {i}")
             if tuple(tensors[key].shape) != (heads, bands):
-                raise ManifestError(f"tensor {key} has shape {tuple(tensors[key].shape)}, the manifest says ({heads}, {bands})")
+                raise ManifestError(f"tensor {key} has shape {tuple(tensors[key].shape)}, but the manifest declares ({heads}, {bands})")
         key = f"layers.{i}.omega"
         expected.add(key)
         if key not in tensors or tuple(tensors[key].shape) != (bands,):
@@ -140,10 +140,10 @@ def verify_artifact(directory: str | os.PathLike) -> dict:
             raise IntegrityError(f"{path} is listed in the manifest but missing")
         size = path.stat().st_size
         if size != record["size"]:
-            raise IntegrityError(f"{path}: size {size} bytes, the manifest says {record['size']}")
+            raise IntegrityError(f"{path}: size {size} bytes, but the manifest records {record['size']}; delete the copy and fetch it again")
         digest = sha256_file(path)
         if digest != record["sha256"]:
-            raise IntegrityError(f"{path}: sha256 {digest}, the manifest says {record['sha256']}")
+            raise IntegrityError(f"{path}: sha256 {digest}, but the manifest records {record['sha256']}; delete the copy and fetch it again")
     with safe_open(str(directory / ARTIFACT_NAME), framework="numpy") as handle:
         embedded = json.loads((handle.metadata() or {}).get(METADATA_KEY, "null"))
     if embedded != {k: v for k, v in manifest.items() if k != "files"}:

@@ -44,22 +44,13 @@ def check_calibrate_arguments(args) -> None:
     """
     from pathlib import Path
 
-    from .corpus import SPEC_FORMS, builtin_versions, parse_hf_spec
-    from .errors import CorpusSpecError, ModelSourceError
+    from .corpus import check_corpus_spec
+    from .errors import ModelSourceError
     from .sources import PACKAGE_PREFIX
 
     if args.source and not args.source.startswith(PACKAGE_PREFIX) and not Path(args.source).expanduser().exists():
         raise ModelSourceError(f"model source {args.source!r} does not exist; pass a model directory, a .gguf file or package:NAME")
-    spec = args.corpus
-    if spec.startswith("hf:"):
-        parse_hf_spec(spec)
-    elif spec == "builtin" or spec.startswith("builtin:"):
-        version = spec.partition(":")[2] or None
-        if version is not None and version not in builtin_versions():
-            raise CorpusSpecError(f"invalid corpus spec {spec!r}: unknown built-in version; available: {', '.join(builtin_versions())}")
-    elif not Path(spec).expanduser().exists():
-        forms = SPEC_FORMS if isinstance(SPEC_FORMS, str) else "\n  ".join(SPEC_FORMS)
-        raise CorpusSpecError(f"invalid corpus spec {spec!r}: no such file or directory. Accepted forms:\n  {forms}")
+    check_corpus_spec(args.corpus)
 
 
 def _run_calibrate(args) -> int:

@@ -506,24 +506,49 @@ def parse_hf_spec(spec: str) -> HfDatasetSpec:
     )
 
 
+def check_corpus_spec(spec: str) -> None:
+    """Raise `CorpusSpecError` unless `spec` has an accepted form and names an existing source.
+
+    Checks only what needs no loading (form, built-in version, `hf:` syntax, file or directory
+    existence), so a command line can reject a typo before any work starts.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise _spec_error(str(spec), "the spec is empty.")
+    if spec == "builtin":
+        return
+    if spec.startswith("builtin:"):
+        version = spec[len("builtin:") :]
+        if version not in builtin_versions():
+            raise _spec_error(spec, f"unknown built-in version {version!r}. Available: {', '.join(builtin_versions())}.")
+        return
+    if spec.startswith("hf:"):
+        parse_hf_spec(spec)
+        return
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "MANIFEST.json").is_file():
+            raise _spec_error(spec, "the directory has no MANIFEST.json.")
+        return
+    if path.suffix.lower() not in TEXT_FILE_SUFFIXES:
+        raise _spec_error(spec, f"a file corpus must end in {' or '.join(TEXT_FILE_SUFFIXES)}.")
+    if not path.is_file():
+        raise _spec_error(spec, "the file does not exist.")
+
+
 def parse_corpus_spec(spec: str, *, cache_dir: str | Path | None = None) -> CorpusText:
     """Load the corpus named by a `--corpus` value.
 
     Accepted forms are listed in `SPEC_FORMS`: "builtin", "builtin:VERSION", a .txt or .md file,
     a corpus directory with MANIFEST.json, or an `hf:` dataset spec (see `parse_hf_spec`).
     `cache_dir` is passed to `datasets` for `hf:` specs. Raises `CorpusSpecError` for a spec that
-    matches no form, and the loader's errors for a spec that matches but cannot be loaded.
+    matches no form (see `check_corpus_spec`), and the loader's errors for a spec that matches
+    but cannot be loaded.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise _spec_error(str(spec), "the spec is empty.")
-
+    check_corpus_spec(spec)
     if spec == "builtin":
         return load_builtin_corpus(DEFAULT_VERSION)
     if spec.startswith("builtin:"):
-        version = spec[len("builtin:") :]
-        if version not in builtin_versions():
-            raise _spec_error(spec, f"unknown built-in version {version!r}. Available: {', '.join(builtin_versions())}.")
-        return load_builtin_corpus(version)
+        return load_builtin_corpus(spec[len("builtin:") :])
     if spec.startswith("hf:"):
         parsed = parse_hf_spec(spec)
         return load_hf_dataset(
@@ -535,16 +560,9 @@ def parse_corpus_spec(spec: str, *, cache_dir: str | Path | None = None) -> Corp
             max_rows=parsed.max_rows,
             cache_dir=cache_dir,
         )
-
     path = Path(spec)
     if path.is_dir():
-        if not (path / "MANIFEST.json").is_file():
-            raise _spec_error(spec, "the directory has no MANIFEST.json.")
         return load_corpus_dir(path)
-    if path.suffix.lower() not in TEXT_FILE_SUFFIXES:
-        raise _spec_error(spec, f"a file corpus must end in {' or '.join(TEXT_FILE_SUFFIXES)}.")
-    if not path.is_file():
-        raise _spec_error(spec, "the file does not exist.")
     return load_text_file(path)
 
 

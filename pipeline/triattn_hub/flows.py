@@ -208,7 +208,7 @@ def calibrate_flow(
     if not output:
         existing = find_published(hub_address, loaded, corpus_record, sequence_length, chunk_size)
         if existing is not None:
-            run_logger.info("%s %s already holds these inputs in %s; nothing to calibrate", model_id, existing["version"], hub_address)
+            run_logger.info("%s %s already contains these inputs in %s; nothing to calibrate", model_id, existing["version"], hub_address)
             return existing
     calibration = run_calibration(loaded, token_ids, sequence_length, chunk_size, progress)
     report = check_convergence(loaded, calibration, corpus_record.get("version") or "v1", progress)

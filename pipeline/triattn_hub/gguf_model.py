@@ -18,7 +18,6 @@ weights (measured with the mlx-cpu wheel's bundled BLAS).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -36,6 +35,7 @@ from gguf.constants import GGMLQuantizationType, LlamaFileType
 from mlx_lm.models.rope_utils import Llama3RoPE
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .artifact import sha256_file
 from .errors import GGUFFormatError, IntegrityError, ModelFileNotFoundError, UnsupportedArchitectureError
 from .gguf_file import GGUFFile, read_gguf
 from .gguf_tokenizer import build_tokenizer
@@ -387,13 +387,8 @@ def _install_rope_factors(model: nn.Module, factors: mx.array, config: dict) -> 
 # Loading
 
 
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Return the hex sha256 of the file at `path`, read in chunks of `chunk_size` bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+# The loader and its tests call it by this name; the artifact module owns the implementation.
+file_sha256 = sha256_file
 
 
 def _general_metadata(metadata: dict) -> dict:

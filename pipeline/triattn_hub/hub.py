@@ -1,7 +1,7 @@
 """Hub addresses, the default hubs and the search order.
 
 A hub address is either a local directory path or `hf://datasets/ORG/NAME` for a Hugging
-Face dataset repo. `TRIATTN_HUB` holds a comma-separated, ordered list of hub addresses: fetch
+Face dataset repo. `TRIATTN_HUB` contains a comma-separated, ordered list of hub addresses: fetch
 searches them in order, and calibrate publishes to the first.
 """
 

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PublishResult:
-    """Outcome of a publish: the version that holds these inputs and whether it is new."""
+    """Outcome of a publish: the version that contains these inputs and whether it is new."""
 
     model_id: str
     version: str
@@ -82,7 +82,7 @@ class LocalHub:
             existing = find_by_inputs(index, model_id, manifest["inputs_sha256"])
             if existing is not None:
                 entry = index["models"][model_id]["versions"][existing]
-                logger.info("%s %s already holds these inputs; nothing published", model_id, existing)
+                logger.info("%s %s already contains these inputs; nothing published", model_id, existing)
                 stored = json.loads((self.version_path(entry) / "manifest.json").read_text(encoding="utf-8"))
                 return PublishResult(model_id, existing, False, str(self.version_path(entry)), stored)
             version = next_version(index, model_id)
